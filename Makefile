@@ -1,0 +1,84 @@
+# helical-workflow: `make demo` runs the main job, `make test` runs the test suite.
+# Both set everything up on a fresh machine (two virtual environments under .venv/).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3.11
+UV_VERSION  := 0.13.9
+VENV        := $(CURDIR)/.venv
+KPY         := $(VENV)/kernel/bin/python
+APY         := $(VENV)/airflow/bin/python
+UV          := $(VENV)/uv/bin/uv
+DEMO_DATA   := data/pbmc68k_reduced_counts.h5ad
+
+export JUPYTER_PATH := $(VENV)/jupyter/share/jupyter
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export HELICAL_WORKFLOW_HOME := $(CURDIR)
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help env data demo test lab airflow bench clean validate
+
+help:
+	@echo "make demo      set up, then run the demo DAG through Airflow (CPU, offline)"
+	@echo "make test      set up, then run the test suite"
+	@echo "make lab       JupyterLab with the helical-workflow kernel"
+	@echo "make airflow   Airflow standalone (web UI on :8080)"
+	@echo "make bench     benchmarks (slow)"
+
+$(UV):
+	$(PYTHON) -m venv $(VENV)/uv
+	$(VENV)/uv/bin/pip install -q uv==$(UV_VERSION)
+
+# Kernel environment: helical, torch, scanpy, mlflow, papermill, jupyterlab + this library.
+$(VENV)/kernel/.ok: requirements/kernel.lock pyproject.toml | $(UV)
+	$(UV) venv -q --allow-existing -p $(PYTHON) $(VENV)/kernel
+	$(UV) pip sync -q -p $(KPY) requirements/kernel.lock
+	$(UV) pip install -q -p $(KPY) --no-deps -e .
+	$(KPY) -m ipykernel install --prefix $(VENV)/jupyter --name helical-workflow --display-name helical-workflow >/dev/null
+	touch $@
+
+# Orchestration environment: Airflow 3 + providers + this library (light modules only).
+$(VENV)/airflow/.ok: requirements/airflow.lock pyproject.toml | $(UV)
+	$(UV) venv -q --allow-existing -p $(PYTHON) $(VENV)/airflow
+	$(UV) pip sync -q -p $(APY) requirements/airflow.lock
+	$(UV) pip install -q -p $(APY) --no-deps -e .
+	touch $@
+
+$(AIRFLOW_HOME)/.ok: $(VENV)/airflow/.ok
+	mkdir -p $(AIRFLOW_HOME)
+	$(VENV)/airflow/bin/airflow db migrate >/dev/null
+	touch $@
+
+env: $(VENV)/kernel/.ok $(VENV)/airflow/.ok $(AIRFLOW_HOME)/.ok
+
+$(DEMO_DATA): | $(VENV)/kernel/.ok
+	$(KPY) -m helical_workflow.cli demo-data --out $@
+
+data: $(DEMO_DATA)
+
+validate: env
+	$(APY) -m helical_workflow.cli validate params/demo.yaml params/yolksac_geneformer.yaml
+	$(KPY) -m helical_workflow.cli validate params/demo.yaml params/yolksac_geneformer.yaml
+
+demo: env data
+	$(KPY) -m helical_workflow.cli validate params/demo.yaml
+	$(VENV)/airflow/bin/airflow dags test helical_demo
+	$(KPY) -m helical_workflow.cli report params/demo.yaml
+
+test: env data
+	PATH=$(VENV)/airflow/bin:$$PATH $(KPY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lab: env data
+	$(VENV)/kernel/bin/jupyter lab --notebook-dir=$(CURDIR) --ip=127.0.0.1 --port=$${LAB_PORT:-8888}
+
+airflow: env data
+	@echo "Log in as 'admin'; the password is in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
+	$(VENV)/airflow/bin/airflow standalone
+
+bench: env data
+	$(KPY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) $(AIRFLOW_HOME) outputs/* data/*.h5ad

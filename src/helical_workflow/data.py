@@ -1,0 +1,347 @@
+"""Datasets: open an ``.h5ad`` in backed mode, validate it, stream counts, QC and split.
+
+The count matrix is never loaded whole: :class:`CountsReader` reads row ranges straight
+from the HDF5 file (``X``, ``raw/X`` or ``layers/<name>``), CSR or dense.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import runs
+
+if TYPE_CHECKING:
+    from .params import Params
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.csv"
+QC_FILE = "qc_summary.json"
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as the params say. The message names the problem and the fix."""
+
+
+def _open_h5(path: Path):
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found. Fix: check data.path in the params file.")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DatasetError(
+            f"{path} is not a readable .h5ad file ({e}). It may be truncated or not HDF5 at all. "
+            "Fix: re-copy or re-export the file (AnnData.write_h5ad)."
+        ) from None
+
+
+def open_backed(path: Path):
+    """Open an .h5ad in backed mode (obs/var in memory, the matrix stays on disk)."""
+    import anndata
+
+    with _open_h5(path):
+        pass
+    try:
+        return anndata.read_h5ad(path, backed="r")
+    except Exception as e:
+        raise DatasetError(
+            f"{path} could not be opened as AnnData ({type(e).__name__}: {e}). "
+            "Fix: check that it was written by anndata (AnnData.write_h5ad) and is complete."
+        ) from None
+
+
+def _matrix_key(source: str) -> str:
+    if source == "X":
+        return "X"
+    if source == "raw":
+        return "raw/X"
+    return "layers/" + source.removeprefix("layer:")
+
+
+class CountsReader:
+    """Row-range reader over one count matrix of an .h5ad file, without loading it whole."""
+
+    def __init__(self, path: Path, source: str = "X"):
+        from anndata.io import sparse_dataset
+
+        self.path = Path(path)
+        self.source = source
+        self._f = _open_h5(path)
+        key = _matrix_key(source)
+        if key not in self._f:
+            available = ["X"] + (["raw"] if "raw/X" in self._f else []) + [
+                f"layer:{k}" for k in self._f.get("layers", {}).keys()
+            ]
+            self._f.close()
+            raise DatasetError(
+                f"{path}: no count matrix at '{source}'. Fix: set data.counts to one of {', '.join(available)}."
+            )
+        node = self._f[key]
+        enc = node.attrs.get("encoding-type", "array")
+        enc = enc.decode() if isinstance(enc, bytes) else enc
+        if enc == "csc_matrix":
+            self._f.close()
+            raise DatasetError(
+                f"{path}: the matrix at '{source}' is stored as CSC (column-major), which cannot be streamed "
+                "by rows. Fix: convert it once to CSR, e.g. `helical-workflow to-csr IN.h5ad OUT.h5ad` "
+                "(or in Python: adata.X = adata.X.tocsr(); adata.write_h5ad(...))."
+            )
+        if enc == "csr_matrix":
+            self._m = sparse_dataset(node)
+        elif hasattr(node, "shape") and len(node.shape) == 2:
+            self._m = node
+        else:
+            self._f.close()
+            raise DatasetError(f"{path}: '{source}' has unsupported encoding {enc!r}. Fix: store counts as CSR or dense.")
+        self.sparse = enc == "csr_matrix"
+        self.shape = tuple(int(x) for x in self._m.shape)
+        self.dtype = self._m.dtype
+
+    @property
+    def n_obs(self) -> int:
+        return self.shape[0]
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        block = self._m[start:stop]
+        return block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
+        stop = self.n_obs if stop is None else stop
+        for s in range(start, stop, chunk_size):
+            yield s, self.rows(s, min(s + chunk_size, stop))
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "CountsReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def gene_table(adata, params: "Params") -> pd.DataFrame:
+    """The genes of the count matrix the params select (``raw`` has its own var)."""
+    var = adata.raw.var if params.data.counts == "raw" else adata.var
+    col = params.data.gene_names
+    if col == "index":
+        names = pd.Index(var.index.astype(str))
+    elif col in var.columns:
+        names = pd.Index(var[col].astype(str))
+    else:
+        where = "adata.raw.var" if params.data.counts == "raw" else "adata.var"
+        raise DatasetError(
+            f"data.gene_names: column {col!r} is not in {where} (columns: {', '.join(map(str, var.columns)) or 'none'}). "
+            "Fix: name one of those columns, or use 'index' for the var names."
+        )
+    return pd.DataFrame({"gene": names.values}, index=var.index.astype(str))
+
+
+def check_dataset(params: "Params", adata=None) -> dict[str, Any]:
+    """Checks that need the file open: label column, counts source, genes. Cheap (no matrix read)."""
+    adata = adata if adata is not None else open_backed(params.data_path)
+    key = params.data.label_key
+    if key not in adata.obs.columns:
+        raise DatasetError(
+            f"data.label_key: column {key!r} is not in adata.obs of {params.data_path.name} "
+            f"(columns: {', '.join(map(str, adata.obs.columns)) or 'none'}). Fix: set label_key to one of them."
+        )
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DatasetError(f"{params.data_path}: the dataset is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
+    labels = adata.obs[key]
+    if labels.isna().all():
+        raise DatasetError(f"data.label_key: column {key!r} has no values. Fix: pick a labelled column.")
+    with CountsReader(params.data_path, params.data.counts) as r:
+        shape = r.shape
+    genes = gene_table(adata, params)
+    if shape[1] != len(genes):
+        raise DatasetError(f"{params.data_path}: counts at '{params.data.counts}' have {shape[1]} genes but var has {len(genes)}.")
+    return {"n_cells": int(shape[0]), "n_genes": int(shape[1]), "n_labels": int(labels.nunique())}
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(block), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+@dataclass
+class QC:
+    cells: pd.DataFrame  # per cell: total_counts, n_genes
+    genes: pd.DataFrame  # per gene: total_counts, n_cells
+
+
+def compute_qc(params: "Params", obs_names: pd.Index, genes: pd.DataFrame) -> QC:
+    """One streaming pass over the counts: per-cell and per-gene totals, and value checks."""
+    n_counts, n_genes_per_cell = [], []
+    gene_total = np.zeros(len(genes), dtype=np.float64)
+    gene_cells = np.zeros(len(genes), dtype=np.int64)
+    with CountsReader(params.data_path, params.data.counts) as r:
+        for start, block in r.chunks(params.data.chunk_size):
+            data = block.data
+            if data.size and not np.isfinite(data).all():
+                bad = int(start + np.unique(np.nonzero(~np.isfinite(block.toarray()))[0])[0])
+                raise DatasetError(
+                    f"{params.data_path}: counts at '{params.data.counts}' contain NaN or infinite values "
+                    f"(first in cell {obs_names[bad]!r}). Fix: use raw counts (set data.counts) or clean the matrix."
+                )
+            if data.size and data.min() < 0:
+                raise DatasetError(
+                    f"{params.data_path}: counts at '{params.data.counts}' contain negative values (min {data.min():g}); "
+                    "this looks like scaled data, not counts. Fix: point data.counts at raw counts (X, raw or layer:<name>)."
+                )
+            block.eliminate_zeros()
+            n_counts.append(np.asarray(block.sum(axis=1)).ravel())
+            n_genes_per_cell.append(np.diff(block.indptr))
+            gene_total += np.asarray(block.sum(axis=0)).ravel()
+            gene_cells += np.bincount(block.indices, minlength=len(genes))
+    cells = pd.DataFrame(
+        {"total_counts": np.concatenate(n_counts), "n_genes": np.concatenate(n_genes_per_cell)},
+        index=obs_names,
+    )
+    genes = genes.assign(total_counts=gene_total, n_cells=gene_cells)
+    return QC(cells=cells, genes=genes)
+
+
+def stratified_split(labels: pd.Series, *, train: float, validation: float, test: float, seed: int,
+                     min_cells: int, stratify: bool = True) -> pd.Series:
+    """Assign each cell to train / validation / test, per class when stratified.
+
+    Deterministic for a seed. Classes with fewer than ``min_cells`` cells, and cells with no
+    label, are marked ``excluded`` (reported by the load stage).
+    """
+    rng = np.random.default_rng(seed)
+    out = pd.Series("excluded", index=labels.index, dtype=object)
+    groups = labels.groupby(labels, observed=True).groups if stratify else {"all": labels.dropna().index}
+    for _, idx in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        idx = np.array(idx)
+        n = len(idx)
+        if n < min_cells:
+            continue
+        order = idx[rng.permutation(n)]
+        n_test = max(1, int(round(n * test))) if n >= 3 else 0
+        n_val = int(round(n * validation)) if n - n_test >= 2 else 0
+        if validation > 0 and n_val == 0 and n - n_test >= 3:
+            n_val = 1
+        out[order[:n_test]] = "test"
+        out[order[n_test : n_test + n_val]] = "validation"
+        out[order[n_test + n_val :]] = "train"
+    return out
+
+
+def load_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
+    """The load stage: validate, QC, split; writes ``load/`` atomically. Returns the summary."""
+    run_dir = Path(run_dir)
+    adata = open_backed(params.data_path)
+    try:
+        info = check_dataset(params, adata)
+        obs = adata.obs
+        genes = gene_table(adata, params)
+        labels = obs[params.data.label_key].astype("object").where(obs[params.data.label_key].notna(), None)
+    finally:
+        adata.file.close()
+    qc = compute_qc(params, obs.index.astype(str), genes)
+    s = params.data.split
+    split = stratified_split(
+        labels.astype("string"), train=s.train, validation=s.validation, test=s.test, seed=s.seed,
+        min_cells=params.data.min_cells_per_class, stratify=s.stratify,
+    )
+    table = pd.DataFrame({
+        "cell_id": obs.index.astype(str),
+        "row": np.arange(len(obs)),
+        "label": labels.values,
+        "split": split.values,
+        "total_counts": qc.cells["total_counts"].values,
+        "n_genes": qc.cells["n_genes"].values,
+    })
+    used = table[table.split != "excluded"]
+    if used.empty:
+        raise DatasetError(
+            f"no class of {params.data.label_key!r} has at least {params.data.min_cells_per_class} cells. "
+            "Fix: lower data.min_cells_per_class or use another label column."
+        )
+    excluded = sorted(set(table.loc[table.split == "excluded", "label"].dropna().astype(str)))
+    label_counts = table.pivot_table(index="label", columns="split", values="row", aggfunc="count", fill_value=0)
+    summary = {
+        **info,
+        "dataset": str(params.data_path),
+        "sha256": file_sha256(params.data_path),
+        "counts_source": params.data.counts,
+        "label_key": params.data.label_key,
+        "split_sizes": {k: int(v) for k, v in table.split.value_counts().items()},
+        "excluded_labels": excluded,
+        "zero_count_cells": int((table.total_counts == 0).sum()),
+        "median_total_counts": float(np.median(table.total_counts)),
+        "median_genes_per_cell": float(np.median(table.n_genes)),
+        "genes_detected": int((qc.genes.n_cells > 0).sum()),
+    }
+    with runs.stage_output(run_dir, "load") as tmp:
+        table.to_csv(tmp / SPLIT_FILE, index=False)
+        qc.genes.to_csv(tmp / "genes.csv")
+        label_counts.to_csv(tmp / "label_counts.csv")
+        (tmp / QC_FILE).write_text(json.dumps(summary, indent=2))
+        _qc_plots(table, tmp / "qc.png")
+    runs.update_manifest(run_dir, lambda m: m.update(input={"path": summary["dataset"], "sha256": summary["sha256"]}))
+    return summary
+
+
+def _qc_plots(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].hist(table.total_counts, bins=50)
+    axes[0].set(title="Total counts per cell", xlabel="counts", ylabel="cells")
+    axes[1].hist(table.n_genes, bins=50)
+    axes[1].set(title="Genes detected per cell", xlabel="genes", ylabel="cells")
+    counts = table.groupby(["label", "split"]).size().unstack(fill_value=0)
+    counts.plot.barh(stacked=True, ax=axes[2])
+    axes[2].set(title="Cells per label and split", xlabel="cells", ylabel="")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_split(run_dir: Path) -> pd.DataFrame:
+    d = runs.require_stage_output(run_dir, "load", "load")
+    return pd.read_csv(d / SPLIT_FILE, dtype={"cell_id": str, "label": str})
+
+
+def make_demo_dataset(out: Path) -> Path:
+    """The demo dataset: scanpy's bundled pbmc68k_reduced with count-like values.
+
+    Its ``.raw.X`` is log-normalised; ``expm1`` of it gives per-10k normalised counts
+    (non-negative, what Geneformer's rank encoding needs). Stored as CSR in ``X``.
+    """
+    import anndata
+    import scanpy as sc
+
+    out = Path(out)
+    src = sc.datasets.pbmc68k_reduced()
+    counts = src.raw.X.tocsr().astype(np.float32)
+    counts.data = np.expm1(counts.data)
+    obs = src.obs[["bulk_labels", "n_genes", "percent_mito", "n_counts", "phase", "louvain"]].copy()
+    var = pd.DataFrame(index=src.raw.var_names.astype(str))
+    ad = anndata.AnnData(X=counts, obs=obs, var=var)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    ad.write_h5ad(tmp)
+    tmp.replace(out)
+    return out

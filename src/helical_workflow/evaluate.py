@@ -1,0 +1,152 @@
+"""The evaluate stage: predictions, logits, embeddings, metrics and plots on the test split."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from . import data as data_mod
+from . import runs, train
+from . import tokenize as tok
+
+if TYPE_CHECKING:
+    from .params import Params
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "evaluate"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    ids = list(range(len(names)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
+    return {
+        **train.macro_scores(y_true, y_pred),
+        "n_cells": int(len(y_true)),
+        "n_classes": len(names),
+        "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, n in enumerate(names)},
+        "confusion_matrix": {"labels": names, "matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist()},
+    }
+
+
+def expression_baseline(params: "Params", run_dir: Path, names: list[str]) -> dict[str, Any]:
+    """Logistic regression on log-normalised expression of the same train/test split."""
+    from sklearn.linear_model import LogisticRegression
+
+    split = data_mod.read_split(run_dir)
+    label_ids = {n: i for i, n in enumerate(names)}
+    keep = split[split.split.isin(["train", "test"])]
+    wanted = np.zeros(len(split), dtype=bool)
+    wanted[keep["row"].to_numpy()] = True
+    import scipy.sparse as sp
+
+    blocks = []
+    with data_mod.CountsReader(params.data_path, params.data.counts) as r:
+        for start, block in r.chunks(params.data.chunk_size):
+            sel = np.nonzero(wanted[start : start + block.shape[0]])[0]
+            if sel.size:
+                blocks.append(block[sel].astype(np.float64))
+    X = sp.vstack(blocks).tocsr()
+    tot = np.asarray(X.sum(axis=1)).ravel()
+    tot[tot == 0] = 1
+    X = sp.diags(1e4 / tot) @ X
+    X.data = np.log1p(X.data)
+    order = keep.sort_values("row")
+    y = order["label"].astype(str).map(label_ids).to_numpy()
+    is_train = (order["split"] == "train").to_numpy()
+    clf = LogisticRegression(max_iter=2000)
+    clf.fit(X[is_train], y[is_train])
+    pred = clf.predict(X[~is_train])
+    return train.macro_scores(y[~is_train], pred)
+
+
+def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    device = train.device_for(params, "evaluate")
+    bs = train.batch_size(params, "evaluate")
+    model, labels = train.load_trained(params, run_dir, batch_size=bs, device=device)
+    names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    test = tok.split_subset(tok.load_tokenized(run_dir), "test")
+    if len(test) == 0:
+        raise ValueError("the test split is empty. Fix: raise data.split.test or lower min_cells_per_class.")
+    logits = model.get_outputs(test, silent=True)
+    embeddings = model.get_embeddings(test)
+    y_true = np.asarray(test["label_id"])
+    y_pred = logits.argmax(1)
+    probs = softmax(logits)
+    metrics = classification_metrics(y_true, y_pred, names)
+    metrics["chance_accuracy"] = float(np.bincount(y_true).max() / len(y_true))
+    metrics["baseline_logreg"] = expression_baseline(params, run_dir, names)
+    preds = pd.DataFrame({
+        "cell_id": test["cell_id"],
+        "true_label": [names[i] for i in y_true],
+        "predicted_label": [names[i] for i in y_pred],
+        "confidence": probs.max(1),
+    })
+    with runs.stage_output(run_dir, OUTPUT) as tmp:
+        preds.to_csv(tmp / "predictions.csv", index=False)
+        np.save(tmp / "logits.npy", logits.astype(np.float32))
+        np.save(tmp / "embeddings.npy", np.asarray(embeddings, dtype=np.float32))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_confusion(metrics["confusion_matrix"], tmp / "confusion_matrix.png")
+        if params.evaluate.umap and len(test) >= 10:
+            plot_umap(np.asarray(embeddings), preds, tmp / "umap.png", seed=params.data.split.seed)
+    return metrics
+
+
+def plot_confusion(cm: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(cm["matrix"], dtype=float)
+    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    n = len(cm["labels"])
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * n + 3, 1 + 0.6 * n + 2))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), cm["labels"], rotation=60, ha="right")
+    ax.set_yticks(range(n), cm["labels"])
+    for i in range(n):
+        for j in range(n):
+            if m[i, j]:
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test split, row-normalised colour)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_umap(embeddings: np.ndarray, preds: pd.DataFrame, path: Path, seed: int = 0) -> None:
+    import anndata
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    ad = anndata.AnnData(X=embeddings.astype(np.float32), obs=preds.set_index("cell_id"))
+    sc.pp.neighbors(ad, use_rep="X", n_neighbors=min(15, len(ad) - 1), random_state=seed)
+    sc.tl.umap(ad, random_state=seed)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    sc.pl.umap(ad, color="true_label", ax=axes[0], show=False, title="true label")
+    sc.pl.umap(ad, color="predicted_label", ax=axes[1], show=False, title="predicted label")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

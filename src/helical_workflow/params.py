@@ -1,0 +1,363 @@
+"""The experiment parameters: one typed schema, one source of truth.
+
+A params file (``params/<experiment>.yaml``) has one section per stage plus the
+resource profile, tracking and (optionally) the Airflow schedule. Loading it
+validates every field; an invalid file raises :class:`ParamsError` whose message
+lists each problem as ``field: what is wrong (got VALUE). Fix: ...``.
+
+This module is light on purpose (pydantic + PyYAML only): DAG files and the
+Airflow worker import it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Geneformer models known to helical 2.2.0 (mirrors helical's GeneformerConfig.model_map,
+# kept here so that validation does not import helical or torch).
+GENEFORMER_MODELS: dict[str, dict[str, Any]] = {
+    "gf-6L-10M-i2048": {"input_size": 2048, "special_token": False, "embsize": 256, "version": "v1"},
+    "gf-12L-40M-i2048": {"input_size": 2048, "special_token": False, "embsize": 512, "version": "v1"},
+    "gf-12L-40M-i2048-CZI-CellxGene": {"input_size": 2048, "special_token": False, "embsize": 512, "version": "v1"},
+    "gf-12L-38M-i4096": {"input_size": 4096, "special_token": True, "embsize": 512, "version": "v2"},
+    "gf-12L-38M-i4096-CLcancer": {"input_size": 4096, "special_token": True, "embsize": 512, "version": "v2"},
+    "gf-20L-151M-i4096": {"input_size": 4096, "special_token": True, "embsize": 896, "version": "v2"},
+    "gf-12L-104M-i4096": {"input_size": 4096, "special_token": True, "embsize": 768, "version": "v3"},
+    "gf-12L-104M-i4096-CLcancer": {"input_size": 4096, "special_token": True, "embsize": 768, "version": "v3"},
+    "gf-18L-316M-i4096": {"input_size": 4096, "special_token": True, "embsize": 1152, "version": "v3"},
+}
+
+STAGES = ("load", "tokenize", "fine_tune", "evaluate")
+
+OUTPUTS_ENV = "HELICAL_WORKFLOW_OUTPUTS"
+PUSHGATEWAY_ENV = "HELICAL_PUSHGATEWAY"
+
+
+class ParamsError(ValueError):
+    """An invalid params or profiles file. The message names every problem and its fix."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{self.path} is invalid ({len(problems)} problem(s)):\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitParams(_Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    validation: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    seed: int = 0
+    stratify: bool = True
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitParams":
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"train + validation + test must add up to 1 (they add up to {total:g}); "
+                "adjust the fractions"
+            )
+        return self
+
+
+class DataParams(_Strict):
+    path: str = Field(description="the .h5ad file (relative paths are relative to the project root)")
+    label_key: str = Field(description="adata.obs column holding the cell-type label")
+    gene_names: str = Field("index", description="adata.var column with gene names, or 'index'")
+    gene_id_type: Literal["symbol", "ensembl"] = "symbol"
+    counts: str = Field("X", description="where raw counts live: X, raw, or layer:<name>")
+    split: SplitParams = SplitParams()
+    min_cells_per_class: int = Field(2, ge=1)
+    chunk_size: int = Field(2048, ge=1)
+
+    @field_validator("counts")
+    @classmethod
+    def _counts_source(cls, v: str) -> str:
+        if v in ("X", "raw") or (v.startswith("layer:") and len(v) > len("layer:")):
+            return v
+        raise ValueError("must be 'X', 'raw' or 'layer:<name>'")
+
+
+class ModelParams(_Strict):
+    name: str = "gf-6L-10M-i2048"
+    source: Literal["helical", "local_tiny"] = Field(
+        "helical",
+        description="helical: files from helical's model cache (downloaded once with network); "
+        "local_tiny: a small Geneformer-shaped model and dictionaries built from the dataset",
+    )
+    cache_dir: str | None = Field(
+        None, description="prefix of the helical model cache (like CACHE_DIR_HELICAL_PREFIX); default ~"
+    )
+    tiny_layers: int = Field(2, ge=1)
+    tiny_heads: int = Field(4, ge=1)
+    tiny_intermediate_size: int = Field(512, ge=8)
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in GENEFORMER_MODELS:
+            close = difflib.get_close_matches(v, GENEFORMER_MODELS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown Geneformer model; known: {', '.join(GENEFORMER_MODELS)}.{hint}")
+        return v
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return GENEFORMER_MODELS[self.name]
+
+
+class TokenizeParams(_Strict):
+    implementation: Literal["helical"] = "helical"
+    shards: int = Field(1, ge=1)
+    chunk_size: int = Field(512, ge=1)
+
+
+class FineTuneParams(_Strict):
+    implementation: Literal["helical"] = "helical"
+    epochs: int = Field(1, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="default: the profile's batch_size")
+    learning_rate: float = Field(1e-4, gt=0)
+    freeze_layers: int = Field(0, ge=0)
+
+
+class EvaluateParams(_Strict):
+    batch_size: int | None = Field(None, ge=1)
+    umap: bool = True
+
+
+class TrackingParams(_Strict):
+    mlflow_tracking_uri: str | None = Field(
+        None, description="default: MLFLOW_TRACKING_URI, else a SQLite store under the outputs folder"
+    )
+    pushgateway: str | None = Field(None, description=f"host:port; default: ${PUSHGATEWAY_ENV}")
+
+
+class DagParams(_Strict):
+    schedule: str | None = None
+    start_date: date = date(2026, 1, 1)
+    catchup: bool = False
+    tags: list[str] = []
+    max_active_runs: int = Field(1, ge=1)
+
+
+class Profile(_Strict):
+    device: Literal["cpu", "cuda"] = "cpu"
+    gpus: int = Field(0, ge=0)
+    gpu_type: str | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    memory: str = Field("8g", pattern=r"^\d+(\.\d+)?[kmgKMG]i?$|^\d+$")
+    cpus: float = Field(2, gt=0)
+    batch_size: int = Field(16, ge=1)
+    launcher: Literal["local", "docker", "kubernetes"] = "local"
+    retries: int = Field(0, ge=0)
+    cell_timeout_s: int | None = Field(None, ge=1)
+    pool: str | None = None
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, str]] = []
+
+    @model_validator(mode="after")
+    def _gpu_consistent(self) -> "Profile":
+        if self.device == "cuda" and self.gpus < 1:
+            raise ValueError("device 'cuda' needs gpus >= 1; set gpus or use device: cpu")
+        if self.device == "cpu" and self.precision == "fp16":
+            raise ValueError("fp16 needs a GPU (device: cuda); use fp32 or bf16 on CPU")
+        return self
+
+
+class Params(_Strict):
+    experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    data: DataParams
+    model: ModelParams = ModelParams()
+    tokenize: TokenizeParams = TokenizeParams()
+    fine_tune: FineTuneParams = FineTuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    profile: str = "cpu"
+    stage_profiles: dict[Literal["load", "tokenize", "fine_tune", "evaluate"], str] = {}
+    tracking: TrackingParams = TrackingParams()
+    outputs_dir: str = "outputs"
+    dag: DagParams | None = None
+
+    # Filled in by load_params, not by the file.
+    source_path: str = Field("", exclude=True)
+    project_root: str = Field("", exclude=True)
+    profiles: dict[str, Profile] = Field(default_factory=dict, exclude=True)
+
+    # --- resolved paths -------------------------------------------------------
+    def resolve(self, p: str | os.PathLike) -> Path:
+        p = Path(os.path.expanduser(str(p)))
+        return p if p.is_absolute() else (Path(self.project_root) / p)
+
+    @property
+    def data_path(self) -> Path:
+        return self.resolve(self.data.path)
+
+    @property
+    def outputs_path(self) -> Path:
+        override = os.environ.get(OUTPUTS_ENV)
+        return Path(override).resolve() if override else self.resolve(self.outputs_dir)
+
+    @property
+    def model_cache_prefix(self) -> Path:
+        if self.model.cache_dir:
+            return self.resolve(self.model.cache_dir)
+        env = os.environ.get("CACHE_DIR_HELICAL_PREFIX")
+        return Path(env) if env else Path.home()
+
+    def profile_for(self, stage: str) -> Profile:
+        return self.profiles[self.stage_profiles.get(stage, self.profile)]
+
+    @property
+    def pushgateway(self) -> str | None:
+        return self.tracking.pushgateway or os.environ.get(PUSHGATEWAY_ENV) or None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The parameters as they were resolved for a run (JSON-serialisable)."""
+        d = self.model_dump(mode="json")
+        d["data"]["path"] = str(self.data_path)
+        d["resolved_profiles"] = {s: self.profile_for(s).model_dump(mode="json") for s in STAGES}
+        return d
+
+
+class ProfilesFile(_Strict):
+    profiles: dict[str, Profile]
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(x) for x in loc) or "(top level)"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (for 'unknown key' hints)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        fields = getattr(cur, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (args[0] if args else None)
+        if cur is None:
+            return []
+    fields = getattr(cur, "model_fields", {})
+    return [k for k, f in fields.items() if not f.exclude]
+
+
+def _explain(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = tuple(err["loc"])
+    field = _fmt_loc(loc)
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"{field}: unknown key. Fix: remove it; allowed keys here: {', '.join(allowed)}.{hint}"
+    if kind == "missing":
+        return f"{field}: required but missing. Fix: add it to the file."
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"{field}: {msg} (got {shown})."
+
+
+def _validation_problems(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    return [_explain(e, model) for e in exc.errors()]
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ParamsError(path, [f"file not found: {path}. Fix: pass an existing params file (see params/)."])
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ParamsError(path, [f"not valid YAML: {e}"]) from None
+
+
+def load_profiles(path: Path) -> dict[str, Profile]:
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ParamsError(path, ["expected a mapping with a 'profiles' key"])
+    try:
+        return dict(ProfilesFile.model_validate(raw).profiles)
+    except ValidationError as e:
+        raise ParamsError(path, _validation_problems(e, ProfilesFile)) from None
+
+
+def data_file_problems(params: Params) -> list[str]:
+    """Problems with the data file that need no heavy import (exists, is a readable .h5ad)."""
+    dp = params.data_path
+    if not dp.exists():
+        hint = " (run `make data` for the bundled demo dataset)." if "pbmc68k" in dp.name else "."
+        return [f"data.path: file not found: {dp}. Fix: point data.path at an existing .h5ad file{hint}"]
+    if not dp.is_file():
+        return [f"data.path: {dp} is not a file. Fix: point it at an .h5ad file."]
+    if not os.access(dp, os.R_OK):
+        return [f"data.path: {dp} is not readable. Fix: check its permissions."]
+    if dp.suffix != ".h5ad":
+        return [f"data.path: {dp.name} does not end in .h5ad. Fix: convert it with anndata (AnnData.write_h5ad)."]
+    with open(dp, "rb") as f:
+        if f.read(8) != b"\x89HDF\r\n\x1a\n":
+            return [f"data.path: {dp} is not an HDF5/.h5ad file (bad signature; truncated or another format). "
+                    "Fix: re-export it with AnnData.write_h5ad."]
+    return []
+
+
+def find_project_root(params_path: Path) -> Path:
+    """The folder that holds ``params/``: relative paths in a params file resolve from it."""
+    parent = params_path.resolve().parent
+    return parent.parent if parent.name == "params" else parent
+
+
+def load_params(path: str | os.PathLike, *, check_files: bool = True) -> Params:
+    """Load and validate a params file (and the profiles file next to it).
+
+    With ``check_files`` the data file must exist and be readable; that check needs no
+    heavy imports. Checks that need to open the dataset (the label column, the counts
+    source) run in :func:`helical_workflow.data.check_dataset`.
+    """
+    path = Path(path).resolve()
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ParamsError(path, ["expected a mapping of sections (experiment, data, model, ...)"])
+    root = find_project_root(path)
+    profiles_path = path.parent / "profiles.yaml"
+    profiles = load_profiles(profiles_path) if profiles_path.is_file() else {"cpu": Profile()}
+    problems: list[str] = []
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(path, _validation_problems(e, Params)) from None
+    params = params.model_copy(update={"source_path": str(path), "project_root": str(root), "profiles": profiles})
+    named = [("profile", params.profile)] + [(f"stage_profiles.{s}", n) for s, n in params.stage_profiles.items()]
+    for field, name in named:
+        if name not in profiles:
+            problems.append(
+                f"{field}: unknown resource profile {name!r}. Fix: use one of "
+                f"{', '.join(sorted(profiles))} (defined in {profiles_path.name})."
+            )
+    if check_files:
+        problems += data_file_problems(params)
+    if params.tokenize.shards > 1 and params.tokenize.implementation == "helical":
+        problems.append(
+            "tokenize.shards: helical's tokenizer cannot be sharded (got "
+            f"{params.tokenize.shards}). Fix: set shards: 1."
+        )
+    # deduplicate while keeping order
+    problems = list(dict.fromkeys(problems))
+    if problems:
+        raise ParamsError(path, problems)
+    return params
