@@ -1,4 +1,4 @@
-"""One DAG per params/<experiment>.yaml with a `dag:` section: load >> tokenize >> fine_tune >> evaluate.
+"""Airflow DAGs, one per params/<experiment>.yaml with a `dag:` section: load >> tokenize >> fine_tune >> evaluate.
 
 Thin on purpose: the DAGs are built by helical_workflow.dag_factory from the params files.
 """
