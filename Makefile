@@ -71,7 +71,7 @@ test: env data
 	PATH=$(VENV)/airflow/bin:$$PATH $(KPY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lab: env data
-	$(VENV)/kernel/bin/jupyter lab --notebook-dir=$(CURDIR) --ip=127.0.0.1 --port=$${LAB_PORT:-8888}
+	$(VENV)/kernel/bin/jupyter lab --notebook-dir=$(CURDIR) --ip=127.0.0.1 --port=$${LAB_PORT:-8888} --allow-root
 
 airflow: env data
 	@echo "Log in as 'admin'; the password is in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"

@@ -104,7 +104,7 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_confusion(metrics["confusion_matrix"], tmp / "confusion_matrix.png")
         if params.evaluate.umap and len(test) >= 10:
-            plot_umap(np.asarray(embeddings), preds, tmp / "umap.png", seed=params.data.split.seed)
+            plot_umap(np.asarray(embeddings), preds, names, tmp / "umap.png", seed=params.data.split.seed)
     return metrics
 
 
@@ -133,7 +133,7 @@ def plot_confusion(cm: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_umap(embeddings: np.ndarray, preds: pd.DataFrame, path: Path, seed: int = 0) -> None:
+def plot_umap(embeddings: np.ndarray, preds: pd.DataFrame, names: list[str], path: Path, seed: int = 0) -> None:
     import anndata
     import matplotlib
 
@@ -141,7 +141,14 @@ def plot_umap(embeddings: np.ndarray, preds: pd.DataFrame, path: Path, seed: int
     import matplotlib.pyplot as plt
     import scanpy as sc
 
-    ad = anndata.AnnData(X=embeddings.astype(np.float32), obs=preds.set_index("cell_id"))
+    obs = preds.set_index("cell_id")
+    for col in ("true_label", "predicted_label"):  # same categories, so the same colour means the same label
+        obs[col] = pd.Categorical(obs[col], categories=names)
+    ad = anndata.AnnData(X=embeddings.astype(np.float32), obs=obs)
+    cmap = plt.get_cmap("tab20")
+    palette = [matplotlib.colors.to_hex(cmap(i % 20)) for i in range(len(names))]
+    ad.uns["true_label_colors"] = palette
+    ad.uns["predicted_label_colors"] = palette
     sc.pp.neighbors(ad, use_rep="X", n_neighbors=min(15, len(ad) - 1), random_state=seed)
     sc.tl.umap(ad, random_state=seed)
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))

@@ -1,0 +1,82 @@
+"""Shared fixtures. pytest runs in the kernel environment; Airflow runs as a subprocess
+from the orchestration environment (.venv/airflow), as it does in production."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv"
+KERNEL_PY = VENV / "kernel" / "bin" / "python"
+AIRFLOW_BIN = VENV / "airflow" / "bin"
+DEMO_DATA = ROOT / "data" / "pbmc68k_reduced_counts.h5ad"
+JUPYTER_PATH = str(VENV / "jupyter" / "share" / "jupyter")
+
+
+def demo_params(tmp: Path, *, model_cache: Path, **overrides) -> Path:
+    """A params folder in tmp with the demo experiment (absolute paths) and the real profiles."""
+    pdir = tmp / "params"
+    pdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "params" / "profiles.yaml", pdir / "profiles.yaml")
+    raw = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
+    raw["data"]["path"] = str(DEMO_DATA)
+    raw["model"]["cache_dir"] = str(model_cache)
+    for dotted, value in overrides.items():
+        cur = raw
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            cur = cur.setdefault(k, {})
+        cur[keys[-1]] = value
+    path = pdir / f"{raw['experiment']}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One local tiny model cache for the session (built by the first tokenize stage)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def workflow_env(tmp_path, monkeypatch) -> dict[str, str]:
+    """Environment for subprocesses and the launcher: isolated outputs, the project kernel."""
+    outputs = tmp_path / "outputs"
+    env = {
+        "HELICAL_WORKFLOW_OUTPUTS": str(outputs),
+        "HELICAL_WORKFLOW_HOME": str(ROOT),
+        "JUPYTER_PATH": JUPYTER_PATH,
+        "MLFLOW_TRACKING_URI": "",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("HELICAL_PUSHGATEWAY", raising=False)
+    env.pop("MLFLOW_TRACKING_URI")
+    return {**os.environ, **env}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    return subprocess.run([str(c) for c in cmd], **kw)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_data_exists():
+    if not DEMO_DATA.exists():
+        subprocess.run([sys.executable, "-m", "helical_workflow.cli", "demo-data", "--out", str(DEMO_DATA)], check=True)

@@ -1,0 +1,119 @@
+"""The DAG, through a real Airflow 3 (SQLite metadata DB, `airflow dags test`), in its own venv."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from .conftest import AIRFLOW_BIN, ROOT, demo_params, run
+
+
+@pytest.fixture
+def airflow_env(tmp_path, model_cache, workflow_env):
+    params = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=1)
+    broken = yaml.safe_load(params.read_text())
+    broken["experiment"] = "broken"
+    broken["fine_tune"]["epochs"] = "three"
+    (params.parent / "broken.yaml").write_text(yaml.safe_dump(broken))
+    home = tmp_path / "airflow"
+    env = {
+        **workflow_env,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "HELICAL_WORKFLOW_PARAMS_DIR": str(params.parent),
+        "PATH": f"{AIRFLOW_BIN}:{os.environ['PATH']}",
+    }
+    r = run([AIRFLOW_BIN / "airflow", "db", "migrate"], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return env
+
+
+PARSE = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(sys.argv[1])
+out = {"errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": {}}
+for dag_id, dag in bag.dags.items():
+    out["dags"][dag_id] = {
+        "tasks": [t.task_id for t in dag.topological_sort()],
+        "ops": sorted({type(t).__mro__[1].__name__ for t in dag.tasks}),
+        "retries": {t.task_id: t.retries for t in dag.tasks},
+        "tags": sorted(dag.tags), "schedule": str(dag.schedule), "doc": dag.doc_md,
+    }
+out["heavy_imported"] = sorted(m for m in ("torch", "helical", "scanpy", "anndata", "mlflow") if m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def test_dag_file_parses_light_and_builds_one_dag_per_params_file(airflow_env):
+    r = run([AIRFLOW_BIN / "python", "-c", PARSE, ROOT / "dags"], env=airflow_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["errors"] == {}
+    assert out["heavy_imported"] == []
+    demo = out["dags"]["helical_demo"]
+    assert demo["tasks"] == ["load", "tokenize", "fine_tune", "evaluate"]
+    assert demo["ops"] == ["PapermillOperator"]
+    assert demo["retries"] == {s: 1 for s in demo["tasks"]}  # from the cpu profile
+    broken = out["dags"]["helical_broken"]
+    assert "invalid-params" in broken["tags"] and "fine_tune.epochs" in broken["doc"]
+
+
+def test_the_real_params_folder_gives_demo_and_yolksac_dags(airflow_env):
+    env = {**airflow_env, "HELICAL_WORKFLOW_PARAMS_DIR": str(ROOT / "params")}
+    r = run([AIRFLOW_BIN / "python", "-c", PARSE, ROOT / "dags"], env=env)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["dags"]) == {"helical_demo", "helical_yolksac_geneformer"}
+    assert out["dags"]["helical_yolksac_geneformer"]["retries"]["fine_tune"] == 2  # gpu profile
+
+
+def test_invalid_params_dag_fails_at_validation_before_compute(airflow_env, tmp_path):
+    r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_broken", "2026-01-01"], env=airflow_env)
+    assert r.returncode != 0
+    assert "fine_tune.epochs" in r.stdout + r.stderr
+    assert not (tmp_path / "outputs" / "broken").exists()
+
+
+@pytest.mark.slow
+def test_two_dag_runs_end_to_end_in_separate_run_folders(airflow_env, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    outputs = tmp_path / "outputs"
+    for day in ("2026-01-01", "2026-01-02"):
+        r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_demo", day], env=airflow_env)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    run_dirs = sorted((outputs / "demo").iterdir())
+    assert [d.name for d in run_dirs] == ["manual__2026-01-01T00_00_00_00_00", "manual__2026-01-02T00_00_00_00_00"]
+    mlflow_ids = set()
+    for rd in run_dirs:
+        m = json.loads((rd / "run.json").read_text())
+        assert m["run_id"].startswith("manual__2026-01-0")
+        assert all(m["stages"][s]["status"] == "success" for s in ("load", "tokenize", "fine_tune", "evaluate"))
+        assert all(str(rd) in str(v) for v in (m["params"]["data"]["path"],)) is False  # data is not inside a run folder
+        for nb in ("01_load", "02_tokenize", "03_fine_tune", "04_evaluate"):
+            assert (rd / "notebooks" / f"{nb}.ipynb").exists() and (rd / "reports" / f"{nb}.html").exists()
+        metrics = json.loads((rd / "evaluate" / "metrics.json").read_text())
+        assert metrics["accuracy"] > metrics["chance_accuracy"]
+        mlflow_ids.add(m["mlflow"]["run_id"])
+        # every notebook that ran knows only its own run folder
+        for nb in (rd / "notebooks").iterdir():
+            other = [d for d in run_dirs if d != rd][0]
+            assert str(other) not in nb.read_text()
+    assert len(mlflow_ids) == 2
+
+    mlflow.set_tracking_uri(f"sqlite:///{outputs / 'mlflow.db'}")
+    client = MlflowClient()
+    for rid in mlflow_ids:
+        r = client.get_run(rid)
+        assert r.info.status == "FINISHED"
+        assert r.data.params["model.name"] == "gf-6L-10M-i2048"
+        assert "evaluate.helical_model_accuracy" in r.data.metrics and "fine_tune.duration_seconds" in r.data.metrics
+        arts = {a.path for a in client.list_artifacts(rid)}
+        assert {"notebooks", "reports", "model", "metrics", "run.json"} <= arts
+        assert {a.path for a in client.list_artifacts(rid, "reports")} >= {"reports/04_evaluate.html"}
+        assert "model/fine_tuned.pt" in {a.path for a in client.list_artifacts(rid, "model")}

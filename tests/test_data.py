@@ -1,0 +1,107 @@
+"""Loading data: backed-mode streaming, QC, split, and a clear error for each kind of bad input."""
+
+from __future__ import annotations
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from helical_workflow import data
+from helical_workflow.params import load_params
+
+from .conftest import DEMO_DATA, demo_params
+
+
+def write_h5ad(path, X, labels=None, **kw):
+    n = X.shape[0]
+    obs = pd.DataFrame({"cell_type": labels if labels is not None else ["a", "b"] * (n // 2) + ["a"] * (n % 2)},
+                       index=[f"c{i}" for i in range(n)])
+    var = pd.DataFrame(index=[f"G{j}" for j in range(X.shape[1])])
+    anndata.AnnData(X=X, obs=obs, var=var, **kw).write_h5ad(path)
+    return path
+
+
+def params_for(tmp_path, model_cache, path, **kw):
+    return load_params(demo_params(tmp_path, model_cache=model_cache, data__path=str(path),
+                                   data__label_key="cell_type", **kw))
+
+
+def test_counts_reader_streams_rows_without_loading_everything():
+    full = anndata.read_h5ad(DEMO_DATA)
+    with data.CountsReader(DEMO_DATA, "X") as r:
+        assert r.sparse and r.shape == full.shape
+        rows = sp.vstack([b for _, b in r.chunks(97)])
+    assert (rows != full.X).nnz == 0
+
+
+def test_dense_and_layer_sources(tmp_path, model_cache):
+    X = np.random.default_rng(0).poisson(1.0, (20, 8)).astype(np.float32)
+    p = write_h5ad(tmp_path / "d.h5ad", X, layers={"counts": sp.csr_matrix(X * 2)})
+    with data.CountsReader(p, "X") as r:
+        assert not r.sparse and np.array_equal(r.rows(3, 7).toarray(), X[3:7])
+    with data.CountsReader(p, "layer:counts") as r:
+        assert np.array_equal(r.rows(0, 20).toarray(), X * 2)
+    with pytest.raises(data.DatasetError, match="no count matrix at 'layer:spliced'.*layer:counts"):
+        data.CountsReader(p, "layer:spliced")
+
+
+def test_csc_matrix_gets_a_conversion_hint(tmp_path):
+    X = sp.random(10, 6, density=0.5, format="csc", dtype=np.float32, random_state=0)
+    p = write_h5ad(tmp_path / "csc.h5ad", X)
+    with pytest.raises(data.DatasetError, match="CSC.*to-csr"):
+        data.CountsReader(p, "X")
+
+
+def test_truncated_file_is_reported(tmp_path):
+    src = DEMO_DATA.read_bytes()
+    bad = tmp_path / "trunc.h5ad"
+    bad.write_bytes(src[: len(src) // 3])
+    with pytest.raises(data.DatasetError, match="not a readable .h5ad file.*truncated"):
+        data.open_backed(bad)
+
+
+def test_missing_label_column_lists_the_columns(tmp_path, model_cache):
+    p = params_for(tmp_path, model_cache, DEMO_DATA)
+    with pytest.raises(data.DatasetError, match="'cell_type' is not in adata.obs.*bulk_labels"):
+        data.check_dataset(p)
+
+
+@pytest.mark.parametrize("bad,match", [(-1.0, "negative values"), (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite")])
+def test_bad_values_stop_the_load_stage(tmp_path, model_cache, bad, match):
+    X = np.ones((10, 5), dtype=np.float32)
+    X[4, 2] = bad
+    p = params_for(tmp_path, model_cache, write_h5ad(tmp_path / "v.h5ad", sp.csr_matrix(X)))
+    run_dir = tmp_path / "run"
+    with pytest.raises(data.DatasetError, match=match):
+        data.load_stage(p, run_dir)
+    assert not (run_dir / "load").exists()
+
+
+def test_empty_dataset(tmp_path, model_cache):
+    p = params_for(tmp_path, model_cache, write_h5ad(tmp_path / "e.h5ad", sp.csr_matrix((0, 5), dtype=np.float32), labels=[]))
+    with pytest.raises(data.DatasetError, match="empty"):
+        data.check_dataset(p)
+
+
+def test_split_is_stratified_deterministic_and_excludes_tiny_classes():
+    labels = pd.Series(["a"] * 50 + ["b"] * 20 + ["c"] * 1, index=[f"c{i}" for i in range(71)])
+    kw = dict(train=0.7, validation=0.15, test=0.15, seed=3, min_cells=2)
+    s1, s2 = data.stratified_split(labels, **kw), data.stratified_split(labels, **kw)
+    assert s1.equals(s2)
+    assert s1[labels == "c"].tolist() == ["excluded"]
+    for lab, n in (("a", 50), ("b", 20)):
+        counts = s1[labels == lab].value_counts()
+        assert counts["test"] == round(n * 0.15) and counts["validation"] == round(n * 0.15)
+    assert not s1.equals(data.stratified_split(labels, **{**kw, "seed": 4}))
+
+
+def test_load_stage_writes_split_and_qc(tmp_path, model_cache):
+    p = load_params(demo_params(tmp_path, model_cache=model_cache))
+    summary = data.load_stage(p, tmp_path / "run")
+    split = data.read_split(tmp_path / "run")
+    assert len(split) == 700 and summary["n_labels"] == 10
+    assert set(split.split) == {"train", "validation", "test"}
+    assert summary["split_sizes"]["test"] == (split.split == "test").sum()
+    assert (tmp_path / "run" / "load" / "qc.png").stat().st_size > 1000

@@ -1,0 +1,93 @@
+"""Each notebook runs with papermill in the helical-workflow kernel on the demo data, through
+the same launch code the DAG uses; a failing stage is recorded as failed and leaves no output."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+
+from helical_workflow import launch, model, runs
+from helical_workflow.params import load_params
+
+from .conftest import demo_params
+
+pytestmark = pytest.mark.slow
+
+
+def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, workflow_env):
+    params_path = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=2)
+    params = load_params(params_path)
+    run_dir = None
+    for stage in launch.NOTEBOOKS:
+        res = launch.run_stage(params_path, stage, "nb-test", log_output=False)
+        assert res.status == "success"
+        run_dir = res.run_dir
+        nb = nbformat.read(res.notebook, as_version=4)
+        assert nb.metadata.kernelspec.name == "helical-workflow"
+        errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors
+        # the injected parameters point at this run
+        assert any("injected-parameters" in c.metadata.get("tags", []) and str(run_dir) in c.source for c in nb.cells)
+        assert (run_dir / "reports" / res.notebook.with_suffix(".html").name).stat().st_size > 10_000
+        assert (run_dir / "metrics" / f"{stage}.prom").exists()
+    manifest = runs.read_manifest(run_dir)
+    assert [manifest["stages"][s]["status"] for s in launch.NOTEBOOKS] == ["success"] * 4
+    assert manifest["input"]["sha256"] and manifest["mlflow"]["run_id"]
+    assert run_dir.parent == params.outputs_path / "demo"
+
+    # the tokenized shards: every kept cell, memory-mapped Arrow with the cell ids
+    from helical_workflow.tokenize import load_tokenized
+
+    ds = load_tokenized(run_dir)
+    split = pd.read_csv(run_dir / "load" / "split.csv")
+    assert sorted(ds["cell_id"]) == sorted(split.loc[split.split != "excluded", "cell_id"])
+    assert all(0 < n <= 2048 for n in ds["length"])
+
+    ev = run_dir / "evaluate"
+    metrics = json.loads((ev / "metrics.json").read_text())
+    preds = pd.read_csv(ev / "predictions.csv")
+    logits, emb = np.load(ev / "logits.npy"), np.load(ev / "embeddings.npy")
+    assert len(preds) == logits.shape[0] == emb.shape[0] == metrics["n_cells"] == (split.split == "test").sum()
+    assert logits.shape[1] == metrics["n_classes"] == 10 and emb.shape[1] == 256
+    names = metrics["confusion_matrix"]["labels"]
+    assert (preds.predicted_label == [names[i] for i in logits.argmax(1)]).all()
+    assert np.isclose(metrics["accuracy"], (preds.true_label == preds.predicted_label).mean())
+    assert np.array(metrics["confusion_matrix"]["matrix"]).sum() == len(preds)
+    for png in ("confusion_matrix.png", "umap.png"):
+        assert (ev / png).stat().st_size > 10_000
+    # a stage can be re-run alone against the run folder (what a user does in JupyterLab)
+    again = launch.run_stage(params_path, "evaluate", "nb-test", log_output=False)
+    assert again.status == "success"
+    assert runs.read_manifest(run_dir)["stages"]["evaluate"]["attempt"] == 2
+    # model files were loaded from the cache and are still there (helical's downloader never ran)
+    assert model.missing_files(params) == []
+
+
+def test_failing_stage_keeps_its_notebook_marks_failure_and_blocks_the_next(tmp_path, model_cache, workflow_env):
+    params_path = demo_params(tmp_path, model_cache=model_cache, data__label_key="cell_type")
+    with pytest.raises(launch.StageFailed, match="DatasetError.*'cell_type' is not in adata.obs"):
+        launch.run_stage(params_path, "load", "fail-test", log_output=False)
+    run_dir = load_params(params_path).outputs_path / "demo" / "fail-test"
+    st = runs.read_manifest(run_dir)["stages"]["load"]
+    assert st["status"] == "failed" and "cell_type" in st["error"]
+    nb = nbformat.read(run_dir / "notebooks" / "01_load.ipynb", as_version=4)
+    assert any(o.get("ename") == "DatasetError" for c in nb.cells for o in c.get("outputs", []))
+    assert (run_dir / "reports" / "01_load.html").exists()
+    assert not (run_dir / "load").exists()
+    assert "helical_stage_success" in (run_dir / "metrics" / "load_status.prom").read_text()
+    assert 'helical_stage_success{experiment="demo",stage="load"} 0.0' in (run_dir / "metrics" / "load_status.prom").read_text()
+    with pytest.raises(launch.StageFailed, match="needs stage 'load' to have succeeded"):
+        launch.run_stage(params_path, "tokenize", "fail-test", log_output=False)
+
+
+def test_invalid_params_fail_before_any_compute(tmp_path, model_cache, workflow_env):
+    from helical_workflow.params import ParamsError
+
+    params_path = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=-1)
+    with pytest.raises(ParamsError, match="fine_tune.epochs"):
+        launch.run_stage(params_path, "load", "bad-params", log_output=False)
+    assert not (tmp_path / "outputs").exists()

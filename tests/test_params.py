@@ -1,0 +1,128 @@
+"""The params schema: valid files load; every problem is named with its field and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helical_workflow.params import ParamsError, load_params
+
+from .conftest import AIRFLOW_BIN, DEMO_DATA, KERNEL_PY, ROOT, demo_params, run
+
+
+def write(tmp_path: Path, raw: dict, name: str = "exp.yaml") -> Path:
+    pdir = tmp_path / "params"
+    pdir.mkdir(exist_ok=True)
+    (pdir / "profiles.yaml").write_text((ROOT / "params" / "profiles.yaml").read_text())
+    p = pdir / name
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def base() -> dict:
+    return {"experiment": "x", "data": {"path": str(DEMO_DATA), "label_key": "bulk_labels"}}
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    return e.value.problems
+
+
+def test_shipped_params_files_validate():
+    demo = load_params(ROOT / "params" / "demo.yaml")
+    assert demo.model.source == "local_tiny" and demo.profile_for("fine_tune").device == "cpu"
+    yolk = load_params(ROOT / "params" / "yolksac_geneformer.yaml", check_files=False)
+    assert yolk.model.name == "gf-6L-10M-i2048"
+    assert yolk.profile_for("fine_tune").device == "cuda" and yolk.profile_for("load").device == "cpu"
+
+
+def test_relative_paths_resolve_from_project_root():
+    p = load_params(ROOT / "params" / "demo.yaml")
+    assert p.data_path == DEMO_DATA
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    raw = base()
+    raw["fine_tune"] = {"epoch": 3}
+    (msg,) = problems(write(tmp_path, raw))
+    assert msg.startswith("fine_tune.epoch: unknown key")
+    assert "Did you mean 'epochs'" in msg
+
+
+def test_wrong_type_names_field_and_value(tmp_path):
+    raw = base()
+    raw["fine_tune"] = {"epochs": "many", "learning_rate": -1}
+    msgs = problems(write(tmp_path, raw))
+    assert any(m.startswith("fine_tune.epochs:") and "'many'" in m for m in msgs)
+    assert any(m.startswith("fine_tune.learning_rate:") and "greater than 0" in m for m in msgs)
+
+
+def test_unknown_model_name(tmp_path):
+    raw = base()
+    raw["model"] = {"name": "gf-6L-10M-i2049"}
+    (msg,) = problems(write(tmp_path, raw))
+    assert msg.startswith("model.name:") and "Did you mean 'gf-6L-10M-i2048'" in msg
+
+
+def test_missing_required_sections(tmp_path):
+    msgs = problems(write(tmp_path, {"experiment": "x"}))
+    assert msgs == ["data: required but missing. Fix: add it to the file."]
+
+
+def test_split_fractions_must_sum_to_one(tmp_path):
+    raw = base()
+    raw["data"]["split"] = {"train": 0.5, "validation": 0.1, "test": 0.1}
+    (msg,) = problems(write(tmp_path, raw))
+    assert msg.startswith("data.split:") and "add up to 0.7" in msg
+
+
+def test_unknown_profile(tmp_path):
+    raw = base()
+    raw["profile"] = "tpu"
+    (msg,) = problems(write(tmp_path, raw))
+    assert msg.startswith("profile: unknown resource profile 'tpu'") and "cpu, gpu" in msg
+
+
+def test_missing_and_broken_data_files(tmp_path):
+    raw = base()
+    raw["data"]["path"] = str(tmp_path / "nope.h5ad")
+    (msg,) = problems(write(tmp_path, raw))
+    assert msg.startswith("data.path: file not found")
+    junk = tmp_path / "junk.h5ad"
+    junk.write_text("not hdf5")
+    raw["data"]["path"] = str(junk)
+    (msg,) = problems(write(tmp_path, raw))
+    assert "not an HDF5/.h5ad file" in msg
+
+
+def test_not_yaml(tmp_path):
+    p = write(tmp_path, base())
+    p.write_text("experiment: [unclosed\n")
+    (msg,) = problems(p)
+    assert msg.startswith("not valid YAML")
+
+
+@pytest.mark.parametrize("venv_bin", [KERNEL_PY.parent, AIRFLOW_BIN], ids=["kernel-env", "airflow-env"])
+def test_cli_validate_explains_and_exits_nonzero(tmp_path, venv_bin):
+    raw = base()
+    raw["fine_tune"] = {"epochs": 0, "bogus": 1}
+    bad = write(tmp_path, raw)
+    r = run([venv_bin / "helical-workflow", "validate", bad])
+    assert r.returncode == 1
+    assert "fine_tune.epochs: Input should be greater than or equal to 1 (got 0)" in r.stderr
+    assert "fine_tune.bogus: unknown key" in r.stderr
+    ok = run([venv_bin / "helical-workflow", "validate", ROOT / "params" / "demo.yaml",
+              ROOT / "params" / "yolksac_geneformer.yaml", ROOT / "params" / "profiles.yaml"])
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout and "yolksac_geneformer" in ok.stdout
+
+
+def test_cli_validate_checks_the_label_column(tmp_path, model_cache):
+    p = demo_params(tmp_path, model_cache=model_cache, data__label_key="cell_type")
+    r = run([KERNEL_PY.parent / "helical-workflow", "validate", p])
+    assert r.returncode == 1
+    assert "data.label_key: column 'cell_type' is not in adata.obs" in r.stderr
+    assert "bulk_labels" in r.stderr  # the columns it could have named
