@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,7 +108,8 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
     params = load_params(args.params, check_files=False)
     run_dir = Path(args.run_dir)
-    nb_path = run_dir / "notebooks" / launch.NOTEBOOKS[args.stage]
+    nb_path = Path(args.notebook) if args.notebook else run_dir / "notebooks" / launch.NOTEBOOKS[args.stage]
+    key = args.key or args.stage
     html_path = run_dir / "reports" / nb_path.with_suffix(".html").name
     if nb_path.exists():
         nb = nbformat.read(nb_path, as_version=4)
@@ -116,10 +118,10 @@ def cmd_finalize(args: argparse.Namespace) -> int:
         html_path.write_text(body)
     from .runs import read_manifest
 
-    st = read_manifest(run_dir).get("stages", {}).get(args.stage, {})
+    st = read_manifest(run_dir).get("stages", {}).get(key, {})
     tracking.log_metrics(params, run_dir, {
-        f"{args.stage}.duration_seconds": float(st.get("seconds", 0.0)),
-        f"{args.stage}.success": 1.0 if args.status == "success" else 0.0,
+        f"{key}.duration_seconds": float(st.get("seconds", 0.0)),
+        f"{key}.success": 1.0 if args.status == "success" else 0.0,
     })
     for p, where in ((nb_path, "notebooks"), (html_path, "reports"), (run_dir / "metrics", "metrics"),
                      (run_dir / "run.json", None)):
@@ -180,6 +182,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Streamed, token-identical-to-helical tokenization of an .h5ad into Arrow (datasets) shards."""
+    from .data import DatasetError
+    from .tokenize import TokenizeError, parse_shard, tokenize_h5ad
+
+    try:
+        res = tokenize_h5ad(
+            Path(args.input), Path(args.output), model_name=args.model, dict_dir=Path(args.model_dir),
+            label_key=args.label_key, gene_names=args.gene_names, gene_id_type=args.gene_id_type,
+            counts=args.counts, shard=parse_shard(args.shard), workers=args.workers, chunk_size=args.chunk_size,
+        )
+    except (TokenizeError, DatasetError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    cov = res.coverage
+    print(f"{res.cells} cells -> {res.out_dir} in {res.seconds:.1f} s ({res.cells_per_second:,.0f} cells/s); "
+          f"genes in vocabulary {cov['in_vocabulary']}/{cov['genes']}; zero-count cells dropped: {res.dropped_zero_count}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="helical-workflow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,7 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("run_dir")
     f.add_argument("stage", choices=STAGES)
     f.add_argument("--status", default="success")
+    f.add_argument("--key", default=None)
+    f.add_argument("--notebook", default=None)
     f.set_defaults(func=cmd_finalize)
+
+    t = sub.add_parser("tokenize", help="tokenize an .h5ad for Geneformer (streamed, backed mode) into Arrow shards")
+    t.add_argument("input")
+    t.add_argument("output", help="a datasets folder (load_from_disk), or with --shard a folder of shard-* folders")
+    t.add_argument("--model", required=True, help="helical Geneformer model name (fixes input size, special tokens)")
+    t.add_argument("--model-dir", required=True, help="folder with token_dictionary.pkl, gene_median_dictionary.pkl, ensembl_mapping_dict.pkl")
+    t.add_argument("--label-key", default=None, help="obs column to carry as the label")
+    t.add_argument("--gene-names", default="index", help="var column with gene names, or 'index'")
+    t.add_argument("--gene-id-type", default="symbol", choices=["symbol", "ensembl"])
+    t.add_argument("--counts", default="X", help="X, raw or layer:<name>")
+    t.add_argument("--shard", default=None, help="I/N: tokenize only the I-th (0-based) of N row ranges")
+    t.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    t.add_argument("--chunk-size", type=int, default=2048)
+    t.set_defaults(func=cmd_tokenize)
 
     rp = sub.add_parser("report", help="show the latest run of a params file: stages, reports, metrics")
     rp.add_argument("params")

@@ -32,7 +32,7 @@ class StageOperator(PapermillOperator):
     template_fields = (*PapermillOperator.template_fields, "params_path")
     ui_color = "#d7ecff"
 
-    def __init__(self, *, params_path: str, stage: str, **kwargs: Any) -> None:
+    def __init__(self, *, params_path: str, stage: str, shard: str | None = None, **kwargs: Any) -> None:
         super().__init__(
             input_nb=str(launch.notebook_path(stage)),
             output_nb=None,
@@ -42,10 +42,11 @@ class StageOperator(PapermillOperator):
         )
         self.params_path = params_path
         self.stage = stage
+        self.shard = shard
 
     def execute(self, context: Any) -> str:
         result = launch.run_stage(
-            self.params_path, self.stage, context["run_id"],
+            self.params_path, self.stage, context["run_id"], shard=self.shard,
             kernel_name=self.kernel_name or launch.KERNEL_NAME, log_output=self.log_output,
         )
         return str(result.run_dir)  # only a path goes to XCom: stages hand over files
@@ -96,15 +97,14 @@ def build_dag(path: Path) -> DAG | None:
         kw: dict[str, Any] = {}
         if profile and profile.pool:
             kw["pool"] = profile.pool
-        task = StageOperator(
-            task_id=stage,
-            params_path=str(path),
-            stage=stage,
-            dag=dag,
-            retries=profile.retries if profile else 0,
-            retry_delay=timedelta(seconds=30),
-            **kw,
-        )
+        common = dict(task_id=stage, params_path=str(path), stage=stage, dag=dag,
+                      retries=profile.retries if profile else 0, retry_delay=timedelta(seconds=30), **kw)
+        n = params.tokenize.shards if params else 1
+        if stage == "tokenize" and n > 1:
+            # dynamic task mapping: one task instance per row shard
+            task = StageOperator.partial(**common).expand(shard=[f"{i}/{n}" for i in range(n)])
+        else:
+            task = StageOperator(**common)
         if previous is not None:
             previous >> task
         previous = task

@@ -114,9 +114,12 @@ class CountsReader:
     def n_obs(self) -> int:
         return self.shape[0]
 
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def rows(self, start: int, stop: int, dense_ok: bool = False):
+        """Rows [start, stop) as CSR (or, with ``dense_ok``, as a dense array when stored dense)."""
         block = self._m[start:stop]
-        return block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        if sp.issparse(block):
+            return block.tocsr()
+        return np.asarray(block) if dense_ok else sp.csr_matrix(np.asarray(block))
 
     def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
         stop = self.n_obs if stop is None else stop

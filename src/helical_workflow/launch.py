@@ -84,45 +84,68 @@ class StageResult:
     notebook: Path
 
 
-def run_stage(params_path: str | os.PathLike, stage: str, run_id: str, *, kernel_name: str = KERNEL_NAME,
-              log_output: bool = True, finalize: bool = True) -> StageResult:
+def stage_keys(params: Params, stage: str) -> list[str]:
+    """The run.json keys of a stage: one, or one per tokenize shard."""
+    n = params.tokenize.shards
+    if stage == "tokenize" and n > 1:
+        return [f"tokenize.shard-{i:05d}-of-{n:05d}" for i in range(n)]
+    return [stage]
+
+
+def _upstream_ok(params: Params, run_dir: Path, stage: str) -> None:
+    up = UPSTREAM.get(stage)
+    if not up:
+        return
+    statuses = {k: runs.stage_status(run_dir, k) for k in stage_keys(params, up)}
+    bad = {k: v for k, v in statuses.items() if v != "success"}
+    if bad:
+        detail = ", ".join(f"{k}: {v or 'not run'}" for k, v in bad.items())
+        raise StageFailed(
+            f"stage '{stage}' needs stage '{up}' to have succeeded in {run_dir} ({detail}). Fix: run '{up}' first."
+        )
+
+
+def run_stage(params_path: str | os.PathLike, stage: str, run_id: str, *, shard: str | None = None,
+              kernel_name: str = KERNEL_NAME, log_output: bool = True, finalize: bool = True) -> StageResult:
+    """Run one stage (or one tokenize shard, ``shard='I/N'``) of a workflow run."""
     if stage not in NOTEBOOKS:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     params = load_params(params_path)
     run_dir = runs.run_dir_for(params.outputs_path, params.experiment, run_id)
     runs.init_run(run_dir, experiment=params.experiment, run_id=run_id, params_snapshot=params.snapshot())
-    up = UPSTREAM.get(stage)
-    if up and runs.stage_status(run_dir, up) != "success":
-        raise StageFailed(
-            f"stage '{stage}' needs stage '{up}' to have succeeded in {run_dir} "
-            f"(its status: {runs.stage_status(run_dir, up) or 'not run'}). Fix: run '{up}' first."
-        )
+    _upstream_ok(params, run_dir, stage)
+    key, nb_name = stage, NOTEBOOKS[stage]
+    if shard is not None:
+        i, n = (int(x) for x in str(shard).split("/"))
+        key = f"{stage}.shard-{i:05d}-of-{n:05d}"
+        nb_name = nb_name.replace(".ipynb", f".shard-{i:05d}-of-{n:05d}.ipynb")
     profile = params.profile_for(stage)
-    out_nb = run_dir / "notebooks" / NOTEBOOKS[stage]
-    prev = runs.read_manifest(run_dir).get("stages", {}).get(stage, {})
-    runs.set_stage(run_dir, stage, status="running", started=runs.now_iso(), ended=None, error=None,
+    out_nb = run_dir / "notebooks" / nb_name
+    prev = runs.read_manifest(run_dir).get("stages", {}).get(key, {})
+    runs.set_stage(run_dir, key, status="running", started=runs.now_iso(), ended=None, error=None,
                    attempt=int(prev.get("attempt", 0)) + 1, notebook=str(out_nb.relative_to(run_dir)))
     t0 = time.perf_counter()
     status, error = "failed", None
     try:
+        extra = {"shard": shard} if shard is not None else {}
         _execute(params, stage, run_dir, out_nb, kernel_name=kernel_name, log_output=log_output,
-                 cell_timeout=profile.cell_timeout_s)
+                 cell_timeout=profile.cell_timeout_s, extra=extra)
         status = "success"
     except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
         error = f"{type(e).__name__}: {str(e)[-2000:]}"
         raise
     finally:
         seconds = time.perf_counter() - t0
-        runs.set_stage(run_dir, stage, status=status, ended=runs.now_iso(), seconds=round(seconds, 3), error=error)
+        runs.set_stage(run_dir, key, status=status, ended=runs.now_iso(), seconds=round(seconds, 3), error=error)
         tracking.write_status_metrics(run_dir, params.experiment, stage, status=status, duration_s=seconds,
-                                      pushgateway=params.pushgateway)
+                                      pushgateway=params.pushgateway, shard=shard)
         if finalize:
-            _finalize(params, stage, run_dir, status, kernel_name)
+            _finalize(params, stage, run_dir, status, kernel_name, key=key, notebook=out_nb)
     return StageResult(stage, run_dir, status, seconds, out_nb)
 
 
 def _execute(params: Params, stage: str, run_dir: Path, out_nb: Path, *, kernel_name: str, log_output: bool,
-             cell_timeout: int | None) -> None:
+             cell_timeout: int | None, extra: dict | None = None) -> None:
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -130,7 +153,7 @@ def _execute(params: Params, stage: str, run_dir: Path, out_nb: Path, *, kernel_
         pm.execute_notebook(
             str(notebook_path(stage)),
             str(out_nb),
-            parameters={"params_path": str(Path(params.source_path)), "run_dir": str(run_dir)},
+            parameters={"params_path": str(Path(params.source_path)), "run_dir": str(run_dir), **(extra or {})},
             kernel_name=kernel_name,
             log_output=log_output,
             progress_bar=False,
@@ -145,7 +168,8 @@ def _execute(params: Params, stage: str, run_dir: Path, out_nb: Path, *, kernel_
         ) from None
 
 
-def _finalize(params: Params, stage: str, run_dir: Path, status: str, kernel_name: str) -> None:
+def _finalize(params: Params, stage: str, run_dir: Path, status: str, kernel_name: str, *, key: str,
+              notebook: Path) -> None:
     """Render the HTML report and log to MLflow, in the kernel environment. Never masks the stage's result."""
     try:
         py = kernel_python(kernel_name)
@@ -153,7 +177,7 @@ def _finalize(params: Params, stage: str, run_dir: Path, status: str, kernel_nam
         log.warning("%s", e)
         return
     cmd = [py, "-m", "helical_workflow.cli", "finalize-stage", str(params.source_path), str(run_dir), stage,
-           "--status", status]
+           "--status", status, "--key", key, "--notebook", str(notebook)]
     env = dict(os.environ)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(project_root()))
     if proc.returncode != 0:
@@ -163,9 +187,14 @@ def _finalize(params: Params, stage: str, run_dir: Path, status: str, kernel_nam
 
 
 def run_all(params_path: str | os.PathLike, run_id: str, stages: tuple[str, ...] = STAGES, **kw) -> Path:
+    """All stages in order (tokenize shards one after another), as the DAG would run them."""
+    params = load_params(params_path)
     run_dir = None
     for stage in stages:
-        res = run_stage(params_path, stage, run_id, **kw)
-        run_dir = res.run_dir
+        n = params.tokenize.shards
+        shards = [f"{i}/{n}" for i in range(n)] if stage == "tokenize" and n > 1 else [None]
+        for shard in shards:
+            res = run_stage(params_path, stage, run_id, shard=shard, **kw)
+            run_dir = res.run_dir
     assert run_dir is not None
     return run_dir

@@ -120,9 +120,11 @@ class ModelParams(_Strict):
 
 
 class TokenizeParams(_Strict):
-    implementation: Literal["helical"] = "helical"
-    shards: int = Field(1, ge=1)
-    chunk_size: int = Field(512, ge=1)
+    implementation: Literal["streaming", "helical"] = Field(
+        "streaming", description="streaming: backed-mode, sharded, token-identical to helical; helical: the reference")
+    shards: int = Field(1, ge=1, le=1024, description="row shards, one Airflow task each")
+    workers: int | None = Field(None, ge=1, description="processes within one shard; default: the profile's cpus")
+    chunk_size: int = Field(2048, ge=1)
 
 
 class FineTuneParams(_Strict):
@@ -190,6 +192,14 @@ class Params(_Strict):
     tracking: TrackingParams = TrackingParams()
     outputs_dir: str = "outputs"
     dag: DagParams | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_are_defaults(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            raw = {k: ({} if v is None and k in ("model", "tokenize", "fine_tune", "evaluate", "tracking") else v)
+                   for k, v in raw.items()}
+        return raw
 
     # Filled in by load_params, not by the file.
     source_path: str = Field("", exclude=True)
@@ -351,11 +361,6 @@ def load_params(path: str | os.PathLike, *, check_files: bool = True) -> Params:
             )
     if check_files:
         problems += data_file_problems(params)
-    if params.tokenize.shards > 1 and params.tokenize.implementation == "helical":
-        problems.append(
-            "tokenize.shards: helical's tokenizer cannot be sharded (got "
-            f"{params.tokenize.shards}). Fix: set shards: 1."
-        )
     # deduplicate while keeping order
     problems = list(dict.fromkeys(problems))
     if problems:

@@ -1,20 +1,50 @@
-"""The tokenize stage: counts -> Geneformer rank-value tokens, as Arrow shards.
+"""Geneformer tokenization: counts -> rank-value tokens, streamed from a backed ``.h5ad``.
 
-``tokenize.implementation: helical`` runs helical's own ``TranscriptomeTokenizer``
-(``tokenize_anndata`` + ``create_dataset``, what ``Geneformer.process_data`` does after
-mapping genes), on the cells the load stage kept. It is the reference implementation:
-it holds the selected cells in memory.
+Two implementations, chosen by ``tokenize.implementation``:
 
-Output (``tokenized/`` in the run folder): one Hugging Face ``datasets`` folder per
-shard (``shard-00000-of-00001/``) with ``input_ids``, ``length``, ``cell_id``,
-``label``, ``label_id`` and ``split``; ``summary.json`` and ``gene_coverage.csv``.
+* ``streaming`` (default): :class:`RankValueTokenizer` reads row chunks straight from the
+  HDF5 file (CSR or dense; ``X``, ``raw`` or a layer), normalises and rank-encodes them
+  with vectorised numpy, and appends them to Arrow files (Hugging Face ``datasets``
+  format) as it goes: memory stays flat whatever the number of cells. Row ranges can be
+  split into shards (one Airflow task each) and, within a shard, over worker processes.
+* ``helical``: helical's own ``TranscriptomeTokenizer`` (what ``Geneformer.process_data``
+  runs after mapping genes), on the selected cells held in memory: the reference.
+
+The streaming tokenizer produces exactly helical's tokens. The semantics it copies:
+
+* a cell's size factor is ``obs["n_counts"]`` when that column exists, else the sum of
+  its counts over *all* genes of the matrix; values are ``(x / n) * 10000 / median``,
+  computed with the same numpy dtypes as helical, so ties break identically;
+* genes whose ``ensembl_id`` is a key of the token dictionary are used, in matrix column
+  order; genes are ranked by ``np.argsort(-value)`` (numpy's default sort, as helical);
+* ``filter_pass`` (when present) keeps cells whose value is 1;
+* truncation to the model input size; ``<cls>`` ... ``<eos>`` for models with special
+  tokens (v2/v3), none for v1;
+* duplicate Ensembl ids: helical collapses genes only when *different* ids map to the same
+  id through the Ensembl mapping dictionary. A dataset that simply repeats an id is not
+  collapsed: each column keeps its own token (so a token can appear twice), exactly as in
+  helical. When different ids do map to one id, helical 2.2.0 raises ``KeyError:
+  'ensembl_id'``; we collapse as the original Geneformer does (counts summed per mapped
+  id, size factor over mapped genes) instead of failing.
+
+Documented differences: cells with zero total counts are dropped and counted in the
+summary (helical emits an empty cell for a sparse matrix, and every gene in an arbitrary
+order of NaNs for a dense one);
+``input_ids`` are stored as int32 (helical: int64; same values).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import shutil
 import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +62,7 @@ log = logging.getLogger(__name__)
 
 OUTPUT = "tokenized"
 LABELS_FILE = "labels.json"
+TARGET_SUM = 10_000
 
 
 class TokenizeError(ValueError):
@@ -42,23 +73,44 @@ def shard_name(i: int, n: int) -> str:
     return f"shard-{i:05d}-of-{n:05d}"
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' (0-based I) -> (I, N)."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise TokenizeError(f"shard {text!r} is not of the form I/N (e.g. 0/4)") from None
+    if n < 1 or not 0 <= i < n:
+        raise TokenizeError(f"shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def shard_rows(rows: np.ndarray, i: int, n: int) -> np.ndarray:
+    """The i-th of n contiguous, near-equal slices of ``rows``."""
+    bounds = np.linspace(0, len(rows), n + 1).round().astype(int)
+    return rows[bounds[i] : bounds[i + 1]]
+
+
+# ------------------------------------------------------------------ gene mapping ----
+
 def map_genes(names: pd.Series, gene_id_type: str, mapping: dict[str, str]) -> pd.Series:
     """Gene names -> Ensembl ids through the model's Ensembl mapping dictionary.
 
     Symbols are looked up upper-cased (the dictionary holds symbols and ids as keys);
     with ``gene_id_type: ensembl`` the names are used as they are. Unmapped genes are None.
     """
-    names = names.astype(str)
+    names = pd.Series(names).astype(str).reset_index(drop=True)
     if gene_id_type == "ensembl":
         return names.where(names.str.len() > 0, None)
     mapped = names.str.upper().map(mapping)
     return mapped.astype(object).where(mapped.notna(), None)
 
 
-def gene_coverage(names: pd.Series, ensembl: pd.Series, token_dict: dict[str, int],
+def gene_coverage(names: Sequence[str], ensembl: Sequence[str | None], token_dict: dict[str, int],
                   n_cells: np.ndarray | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """How many of the dataset's genes map to tokens, and which do not."""
-    df = pd.DataFrame({"gene": names.astype(str).values, "ensembl_id": ensembl.values})
+    df = pd.DataFrame({"gene": pd.Series(names).astype(str).values, "ensembl_id": list(ensembl)})
     df["in_vocabulary"] = [e is not None and e in token_dict for e in df["ensembl_id"]]
     if n_cells is not None:
         df["n_cells"] = n_cells
@@ -74,103 +126,525 @@ def gene_coverage(names: pd.Series, ensembl: pd.Series, token_dict: dict[str, in
     return df, summary
 
 
-def no_genes_error(params: "Params", cov: dict[str, Any]) -> TokenizeError:
+def no_genes_error(dataset: str, model: str, cov: dict[str, Any]) -> TokenizeError:
     return TokenizeError(
-        f"none of the {cov['genes']} genes of {params.data_path.name} map to tokens of model "
-        f"{params.model.name} (mapped to Ensembl: {cov['mapped_to_ensembl']}, in vocabulary: 0; "
-        f"examples: {', '.join(cov['unmapped_examples'][:5])}). Fix: check data.gene_names "
-        "(the var column with gene names) and data.gene_id_type (symbol or ensembl), and that the "
-        "model's dictionaries are for this species."
+        f"none of the {cov['genes']} genes of {dataset} map to tokens of model {model} "
+        f"(mapped to Ensembl: {cov['mapped_to_ensembl']}, in vocabulary: 0; examples: "
+        f"{', '.join(cov['unmapped_examples'][:5])}). Fix: check the gene names column (data.gene_names / "
+        "--gene-names) and the id type (symbol or ensembl), and that the model's dictionaries are for this species."
     )
 
+
+# ------------------------------------------------------------------ the tokenizer ----
+
+@dataclass
+class GenePlan:
+    """Which matrix columns become which tokens (helical's gene selection, precomputed)."""
+
+    cols: np.ndarray            # matrix columns used, ascending
+    tokens: np.ndarray          # token of each used column (int32)
+    medians: np.ndarray         # gene median of each used column (float64)
+    groups: np.ndarray | None = None   # collapse path: output slot of each used column
+    count_cols: np.ndarray | None = None  # collapse path: columns whose counts make the size factor
+
+
+class RankValueTokenizer:
+    """Geneformer's rank-value encoding, token-identical to helical's TranscriptomeTokenizer."""
+
+    def __init__(self, token_dict: dict[str, int], median_dict: dict[str, float], mapping_dict: dict[str, str] | None,
+                 *, input_size: int, special_token: bool):
+        self.token_dict = token_dict
+        self.median_dict = median_dict
+        keys = set(token_dict)
+        mapping = mapping_dict if mapping_dict is not None else {k: k for k in token_dict}
+        self.mapping = {k: v for k, v in mapping.items() if v in keys}  # as helical filters it
+        self.input_size = input_size
+        self.special_token = special_token
+        if special_token and ("<cls>" not in token_dict or "<eos>" not in token_dict):
+            raise TokenizeError("this model uses <cls>/<eos> tokens but the token dictionary has none. "
+                                "Fix: use the dictionaries of the model's version (v2/v3).")
+        self.cls = token_dict.get("<cls>")
+        self.eos = token_dict.get("<eos>")
+
+    @classmethod
+    def from_files(cls, dict_dir: Path, *, input_size: int, special_token: bool) -> "RankValueTokenizer":
+        import pickle
+
+        dict_dir = Path(dict_dir)
+        loaded = {}
+        for name in model_mod.DICTIONARIES:
+            p = dict_dir / name
+            if not p.is_file():
+                raise TokenizeError(f"{p} is missing. Fix: point --model-dir at the folder with "
+                                    f"{', '.join(model_mod.DICTIONARIES)} for this model version.")
+            with open(p, "rb") as f:
+                loaded[name] = pickle.load(f)
+        return cls(loaded["token_dictionary.pkl"], loaded["gene_median_dictionary.pkl"],
+                   loaded["ensembl_mapping_dict.pkl"], input_size=input_size, special_token=special_token)
+
+    def plan(self, ensembl_ids: Sequence[str | None]) -> GenePlan:
+        ids = list(ensembl_ids)
+        in_map = [g for g in ids if g is not None and g in self.mapping]
+        if len(set(in_map)) == len({self.mapping[g] for g in in_map}):
+            # helical: no collapse; genes keyed by their own ensembl_id
+            cols = np.array([j for j, g in enumerate(ids) if g is not None and g in self.token_dict], dtype=np.int64)
+            used = [ids[j] for j in cols]
+            self._check_medians(used)
+            return GenePlan(cols=cols, tokens=np.array([self.token_dict[g] for g in used], dtype=np.int32),
+                            medians=np.array([self.median_dict[g] for g in used], dtype=np.float64))
+        # collapse (original Geneformer semantics; helical 2.2.0 raises KeyError here)
+        collapsed = [self.mapping.get(str(g).upper()) if g is not None else None for g in ids]
+        count_cols = np.array([j for j, c in enumerate(collapsed) if c is not None], dtype=np.int64)
+        slots: dict[str, int] = {}
+        for j in count_cols:
+            slots.setdefault(collapsed[j], len(slots))
+        order = list(slots)
+        self._check_medians(order)
+        return GenePlan(cols=count_cols, tokens=np.array([self.token_dict[g] for g in order], dtype=np.int32),
+                        medians=np.array([self.median_dict[g] for g in order], dtype=np.float64),
+                        groups=np.array([slots[collapsed[j]] for j in count_cols], dtype=np.int64),
+                        count_cols=count_cols)
+
+    def _check_medians(self, genes: Sequence[str]) -> None:
+        missing = [g for g in genes if g not in self.median_dict]
+        if missing:
+            raise TokenizeError(f"{len(missing)} genes of the token dictionary have no gene median "
+                                f"(e.g. {missing[:3]}). Fix: use the gene median dictionary of the same model version.")
+
+    def encode_block(self, block, plan: GenePlan, n_counts: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokenize a block of cells (rows; CSR or dense over all genes of the matrix).
+
+        Returns (flat int32 tokens, int64 offsets of len kept+1, bool mask of cells kept).
+        The arithmetic follows helical's expression ``(X / n_counts) * 10000 / medians``
+        exactly as numpy and scipy evaluate it, so values, and therefore ties, are bitwise
+        the same: a sparse matrix divided by a dense array is multiplied by the reciprocal.
+        """
+        import scipy.sparse as sp
+
+        if plan.groups is not None:
+            block = self._collapse(block, plan)
+            cols = np.arange(len(plan.tokens))
+        else:
+            cols = plan.cols
+        if n_counts is None:
+            # helical: X.sum(axis=1) over all genes, same dtype and summation order
+            # (collapse path: over the mapped genes, as the original Geneformer)
+            n = np.asarray(block.sum(axis=1)).reshape(-1)
+        else:
+            n = np.asarray(n_counts).reshape(-1)
+        keep_cell = n > 0
+        if sp.issparse(block):
+            sel = block[:, cols].tocsr()
+            sel.sort_indices()
+            with np.errstate(divide="ignore"):
+                recip = np.true_divide(1.0, n)  # zero-count cells: inf, dropped below
+            vals = np.multiply(sel.data, np.repeat(recip, np.diff(sel.indptr))) * TARGET_SUM
+            vals = np.multiply(vals, np.true_divide(1.0, plan.medians)[sel.indices])
+            return self._rank_rows(vals, sel.indices, sel.indptr, keep_cell, plan.tokens)
+        dense = np.asarray(block)[:, cols]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            norm = (dense / n.reshape(-1, 1)) * TARGET_SUM / plan.medians.reshape(1, -1)
+        sel = sp.csr_matrix(norm)  # drops exact zeros, as helical's csr_matrix(X_norm)
+        return self._rank_rows(sel.data, sel.indices, sel.indptr, keep_cell, plan.tokens)
+
+    @staticmethod
+    def _collapse(block, plan: GenePlan):
+        """Sum the columns that map to the same Ensembl id (collapse path)."""
+        import scipy.sparse as sp
+
+        m = sp.csr_matrix((np.ones(len(plan.cols)), (np.arange(len(plan.cols)), plan.groups)),
+                          shape=(len(plan.cols), len(plan.tokens)))
+        sub = block[:, plan.cols]
+        out = sub @ m
+        return out.tocsr() if sp.issparse(out) else np.asarray(out)
+
+    def _rank_rows(self, vals, cols, indptr, keep_cell, tokens):
+        limit = self.input_size - 2 if self.special_token else self.input_size
+        out: list[np.ndarray] = []
+        offsets = [0]
+        total = 0
+        special = self.special_token
+        cls_, eos_ = self.cls, self.eos
+        for r in range(len(indptr) - 1):
+            if not keep_cell[r]:
+                continue
+            s, e = indptr[r], indptr[r + 1]
+            ranked = tokens[cols[s:e][np.argsort(-vals[s:e])]][:limit]
+            if special:
+                ranked = np.concatenate(([cls_], ranked, [eos_])).astype(np.int32)
+            out.append(ranked)
+            total += len(ranked)
+            offsets.append(total)
+        flat = np.concatenate(out).astype(np.int32, copy=False) if out else np.zeros(0, np.int32)
+        return flat, np.asarray(offsets, dtype=np.int64), keep_cell
+
+
+# ------------------------------------------------------------- writing Arrow shards ----
+
+def _features(extra: dict[str, str]):
+    from datasets import Features, Sequence, Value
+
+    f = {"input_ids": Sequence(Value("int32")), "length": Value("int32")}
+    f.update({k: Value(v) for k, v in extra.items()})
+    return Features(f)
+
+
+def _arrow_type(values: np.ndarray | list) -> str:
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return "int64"
+    if arr.dtype.kind == "f":
+        return "float64"
+    if arr.dtype.kind == "b":
+        return "bool"
+    return "string"
+
+
+def write_dataset_dir(out: Path, arrow_files: list[Path], features) -> None:
+    """Finish a ``datasets`` folder (what ``save_to_disk`` writes) around existing Arrow files."""
+    from datasets import DatasetInfo
+
+    n = len(arrow_files)
+    files = []
+    for k, src in enumerate(arrow_files):
+        name = f"data-{k:05d}-of-{n:05d}.arrow"
+        if src.name != name or src.parent != out:
+            os.replace(src, out / name)
+        files.append({"filename": name})
+    DatasetInfo(features=features).write_to_directory(str(out))
+    state = {"_data_files": files, "_fingerprint": secrets.token_hex(8), "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    (out / "state.json").write_text(json.dumps(state, indent=2))
+
+
+@dataclass
+class TokenizeJob:
+    """One contiguous piece of work: rows of a file -> one Arrow file."""
+
+    path: str
+    counts: str
+    rows: np.ndarray                     # sorted matrix rows to tokenize
+    plan: GenePlan
+    tokenizer: RankValueTokenizer
+    columns: dict[str, np.ndarray]       # per-row metadata, aligned with ``rows``
+    n_counts: np.ndarray | None          # obs n_counts aligned with ``rows`` (or None)
+    out_file: str
+    features: Any
+    chunk_size: int = 2048
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _run_job(job: TokenizeJob) -> dict[str, Any]:
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+
+    rows = job.rows
+    cells = dropped = 0
+    chunk = job.chunk_size
+    writer = ArrowWriter(features=job.features, path=job.out_file)
+    lengths_hist = np.zeros(job.tokenizer.input_size + 1, dtype=np.int64)
+    try:
+        with data_mod.CountsReader(Path(job.path), job.counts) as reader:
+            if not reader.sparse:  # a dense block is rows x genes: keep it around 128 MB
+                chunk = max(1, min(chunk, (1 << 24) // max(reader.shape[1], 1)))
+            for a in range(0, len(rows), chunk):
+                rsel = rows[a : a + chunk]
+                lo, hi = int(rsel[0]), int(rsel[-1]) + 1
+                block = reader.rows(lo, hi, dense_ok=True)
+                if hi - lo != len(rsel):
+                    block = block[rsel - lo]
+                _check_values(block, job.path, job.counts, lo)
+                nc = None if job.n_counts is None else job.n_counts[a : a + len(rsel)]
+                flat, offsets, kept = job.tokenizer.encode_block(block, job.plan, nc)
+                lengths = np.diff(offsets).astype(np.int32)
+                table = {"input_ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat)),
+                         "length": pa.array(lengths)}
+                for name, col in job.columns.items():
+                    vals = col[a : a + len(rsel)][kept]
+                    table[name] = pa.array(vals.tolist() if vals.dtype == object else vals)
+                writer.write_table(pa.table(table))
+                cells += int(kept.sum())
+                dropped += int((~kept).sum())
+                np.add.at(lengths_hist, lengths, 1)
+        writer.finalize()
+    finally:
+        writer.close()
+    return {"cells": cells, "dropped_zero_count": dropped, "lengths_hist": lengths_hist}
+
+
+def _check_values(block, path: str, source: str, first_row: int) -> None:
+    import scipy.sparse as sp
+
+    data = block.data if sp.issparse(block) else np.asarray(block)
+    if data.size == 0:
+        return
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise TokenizeError(f"{path}: counts at '{source}' contain NaN or infinite values (rows from {first_row}). "
+                            "Fix: use raw counts or clean the matrix.")
+    if data.min() < 0:
+        raise TokenizeError(f"{path}: counts at '{source}' contain negative values (rows from {first_row}); "
+                            "this looks like scaled data. Fix: point at raw counts (X, raw or a layer).")
+
+
+@dataclass
+class TokenizeResult:
+    out_dir: Path
+    cells: int
+    dropped_zero_count: int
+    seconds: float
+    lengths_hist: np.ndarray
+    coverage: dict[str, Any]
+    coverage_table: pd.DataFrame
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.cells / self.seconds if self.seconds > 0 else float("nan")
+
+    def length_summary(self) -> dict[str, float]:
+        h = self.lengths_hist
+        if h.sum() == 0:
+            return {}
+        lens = np.arange(len(h))
+        cdf = np.cumsum(h)
+        return {"min": int(lens[h > 0][0]), "median": int(lens[np.searchsorted(cdf, cdf[-1] / 2)]),
+                "max": int(lens[h > 0][-1]), "mean": float((h * lens).sum() / h.sum())}
+
+
+def tokenize_rows(path: Path, out_dir: Path, tokenizer: RankValueTokenizer, *, counts: str, ensembl_ids: Sequence,
+                  gene_names: Sequence[str], rows: np.ndarray, columns: dict[str, np.ndarray],
+                  n_counts: np.ndarray | None, workers: int = 1, chunk_size: int = 2048,
+                  dataset_label: str | None = None) -> TokenizeResult:
+    """Tokenize ``rows`` of an h5ad into one ``datasets`` folder ``out_dir`` (written atomically).
+
+    ``columns`` are per-row metadata (cell ids, labels, ...) aligned with ``rows``; rows
+    are split over ``workers`` processes, each writing one Arrow file of the dataset.
+    """
+    t0 = time.perf_counter()
+    cov_table, cov = gene_coverage(gene_names, ensembl_ids, tokenizer.token_dict)
+    if cov["in_vocabulary"] == 0:
+        raise no_genes_error(dataset_label or Path(path).name, "this model", cov)
+    plan = tokenizer.plan(ensembl_ids)
+    extra = {k: _arrow_type(v) for k, v in columns.items()}
+    features = _features(extra)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    workers = max(1, min(workers, -(-len(rows) // max(chunk_size, 1))))  # no more workers than chunks
+    bounds = np.linspace(0, len(rows), workers + 1).round().astype(int)
+    jobs = [
+        TokenizeJob(path=str(path), counts=counts, rows=rows[bounds[k]:bounds[k + 1]], plan=plan, tokenizer=tokenizer,
+                    columns={c: np.asarray(v)[bounds[k]:bounds[k + 1]] for c, v in columns.items()},
+                    n_counts=None if n_counts is None else np.asarray(n_counts)[bounds[k]:bounds[k + 1]],
+                    out_file=str(tmp / f"part-{k:05d}.arrow"), features=features, chunk_size=chunk_size)
+        for k in range(workers)
+    ]
+    try:
+        if len(jobs) == 1:
+            results = [_run_job(jobs[0])]
+        else:
+            with ProcessPoolExecutor(len(jobs), mp_context=get_context("fork")) as ex:
+                results = list(ex.map(_run_job, jobs))
+        write_dataset_dir(tmp, [Path(j.out_file) for j in jobs], features)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    hist = sum(r["lengths_hist"] for r in results)
+    return TokenizeResult(out_dir=out_dir, cells=sum(r["cells"] for r in results),
+                          dropped_zero_count=sum(r["dropped_zero_count"] for r in results),
+                          seconds=time.perf_counter() - t0, lengths_hist=hist, coverage=cov, coverage_table=cov_table)
+
+
+# ------------------------------------------------------------- reading the h5ad ----
+
+def read_obs_columns(path: Path, names: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """obs_names and some obs columns, read without loading the matrix (or the rest of obs)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        obs = f["obs"]
+        index_key = obs.attrs.get("_index", "_index")
+        index_key = index_key.decode() if isinstance(index_key, bytes) else index_key
+        obs_names = np.asarray(read_elem(obs[index_key])).astype(str)
+        out = {}
+        for n in names:
+            if n in obs:
+                out[n] = np.asarray(pd.Series(read_elem(obs[n])).to_numpy())
+    return obs_names, out
+
+
+def read_gene_names(path: Path, counts: str, gene_names: str) -> np.ndarray:
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        var = read_elem(f["raw/var"] if counts == "raw" else f["var"])
+    if gene_names == "index":
+        return np.asarray(var.index.astype(str))
+    if gene_names not in var.columns:
+        raise TokenizeError(f"gene names column {gene_names!r} is not in var (columns: {', '.join(map(str, var.columns)) or 'none'}). "
+                            "Fix: name one of them, or 'index' for the var names.")
+    return np.asarray(var[gene_names].astype(str))
+
+
+def tokenize_h5ad(path: Path, out_dir: Path, *, model_name: str, dict_dir: Path, label_key: str | None = None,
+                  gene_names: str = "index", gene_id_type: str = "symbol", counts: str = "X",
+                  shard: tuple[int, int] = (0, 1), workers: int = 1, chunk_size: int = 2048) -> TokenizeResult:
+    """The command-line entry: tokenize a whole h5ad (or one shard of its rows) like helical."""
+    from .params import GENEFORMER_MODELS
+
+    if model_name not in GENEFORMER_MODELS:
+        raise TokenizeError(f"unknown model {model_name!r}; known: {', '.join(GENEFORMER_MODELS)}")
+    spec = GENEFORMER_MODELS[model_name]
+    tk = RankValueTokenizer.from_files(dict_dir, input_size=spec["input_size"], special_token=spec["special_token"])
+    path = Path(path)
+    data_mod.open_backed(path).file.close()  # clear errors for missing/truncated/non-h5ad files
+    names = read_gene_names(path, counts, gene_names)
+    ensembl = map_genes(pd.Series(names), gene_id_type, tk.mapping)
+    wanted = ["n_counts", "filter_pass"] + ([label_key] if label_key else [])
+    obs_names, cols = read_obs_columns(path, wanted)
+    if label_key and label_key not in cols:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            have = [k for k in f["obs"].keys() if not k.startswith("_")]
+        raise TokenizeError(f"label column {label_key!r} is not in obs (columns: {', '.join(have) or 'none'}). "
+                            "Fix: pass --label-key with one of them.")
+    if len(obs_names) == 0:
+        raise TokenizeError(f"{path} has no cells.")
+    rows = np.arange(len(obs_names))
+    if "filter_pass" in cols:
+        rows = rows[np.asarray([v == 1 for v in cols["filter_pass"]])]
+    i, n = shard
+    rows = shard_rows(rows, i, n)
+    columns = {"cell_id": obs_names[rows].astype(object)}
+    if label_key:
+        columns[label_key] = np.asarray(cols[label_key])[rows]
+        if columns[label_key].dtype.kind not in "iufb":
+            columns[label_key] = columns[label_key].astype(str).astype(object)
+    target = Path(out_dir) / shard_name(i, n) if n > 1 else Path(out_dir)
+    return tokenize_rows(path, target, tk, counts=counts, ensembl_ids=list(ensembl), gene_names=list(names),
+                         rows=rows, columns=columns,
+                         n_counts=np.asarray(cols["n_counts"])[rows] if "n_counts" in cols else None,
+                         workers=workers, chunk_size=chunk_size, dataset_label=path.name)
+
+
+# ------------------------------------------------------------------ the stage ----
 
 def label_mapping(split: pd.DataFrame) -> dict[str, int]:
     labels = sorted(split.loc[split.split != "excluded", "label"].dropna().astype(str).unique())
     return {lab: i for i, lab in enumerate(labels)}
 
 
-def _selected_anndata(params: "Params", split: pd.DataFrame, ensembl: pd.Series, label_ids: dict[str, int]):
-    """The kept cells as an in-memory AnnData, in the shape helical's tokenizer expects."""
+def tokenize_stage(params: "Params", run_dir: Path, shard: str | None = None) -> dict[str, Any]:
+    """Tokenize the cells the load stage kept (one shard of them when ``shard`` is 'I/N')."""
+    run_dir = Path(run_dir)
+    i, n = parse_shard(shard) if shard else (0, params.tokenize.shards)
+    if shard is None and n > 1:
+        raise TokenizeError(f"tokenize.shards is {n}: run each shard ('0/{n}' ... '{n - 1}/{n}'), as the DAG does.")
+    split = data_mod.read_split(run_dir)
+    genes = pd.read_csv(run_dir / "load" / "genes.csv", index_col=0)
+    model_mod.ensure_model_files(params, run_dir)
+    paths = model_mod.model_paths(params)
+    spec = params.model.spec
+    tk = RankValueTokenizer.from_files(paths["version_dir"], input_size=spec["input_size"], special_token=spec["special_token"])
+    ensembl = map_genes(genes["gene"], params.data.gene_id_type, tk.mapping)
+    cov_table, cov = gene_coverage(genes["gene"], ensembl, tk.token_dict, genes["n_cells"].to_numpy())
+    if cov["in_vocabulary"] == 0:
+        raise no_genes_error(params.data_path.name, params.model.name, cov)
+    label_ids = label_mapping(split)
+    keep = split[split.split != "excluded"].sort_values("row")
+    keep = keep.iloc[shard_rows(np.arange(len(keep)), i, n)]
+
+    out_root = run_dir / OUTPUT
+    out_root.mkdir(parents=True, exist_ok=True)
+    target = out_root / shard_name(i, n)
+    t0 = time.perf_counter()
+    if params.tokenize.implementation == "helical":
+        ds = _tokenize_with_helical(params, keep, ensembl, label_ids)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        ds.save_to_disk(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        lengths = np.asarray(ds["length"])
+        cells, dropped = len(ds), 0
+        hist = np.bincount(lengths, minlength=spec["input_size"] + 1)
+    else:
+        _, obs_cols = read_obs_columns(params.data_path, ["n_counts", "filter_pass"])
+        rows = keep["row"].to_numpy()
+        keep_mask = np.ones(len(rows), dtype=bool)
+        if "filter_pass" in obs_cols:
+            keep_mask = np.asarray([v == 1 for v in obs_cols["filter_pass"][rows]])
+        keep, rows = keep[keep_mask], rows[keep_mask]
+        columns = {
+            "cell_id": keep["cell_id"].astype(str).to_numpy(dtype=object),
+            "label": keep["label"].astype(str).to_numpy(dtype=object),
+            "label_id": keep["label"].astype(str).map(label_ids).to_numpy(dtype=np.int64),
+            "split": keep["split"].astype(str).to_numpy(dtype=object),
+        }
+        res = tokenize_rows(params.data_path, target, tk, counts=params.data.counts, ensembl_ids=list(ensembl),
+                            gene_names=list(genes["gene"].astype(str)), rows=rows, columns=columns,
+                            n_counts=obs_cols["n_counts"][rows] if "n_counts" in obs_cols else None,
+                            workers=params.tokenize.workers or max(1, int(params.profile_for("tokenize").cpus)),
+                            chunk_size=params.tokenize.chunk_size, dataset_label=params.data_path.name)
+        cells, dropped, hist = res.cells, res.dropped_zero_count, res.lengths_hist
+    elapsed = time.perf_counter() - t0
+    lens = np.arange(len(hist))
+    summary = {
+        "implementation": params.tokenize.implementation,
+        "model": params.model.name,
+        "shard": f"{i}/{n}",
+        "cells": int(cells),
+        "dropped_zero_count_cells": int(dropped),
+        "seconds": elapsed,
+        "cells_per_second": cells / elapsed if elapsed > 0 else None,
+        "length": {"min": int(lens[hist > 0][0]), "median": int(lens[np.searchsorted(np.cumsum(hist), hist.sum() / 2)]),
+                   "max": int(lens[hist > 0][-1]), "mean": float((hist * lens).sum() / hist.sum())} if hist.sum() else {},
+        "gene_coverage": cov,
+        "labels": label_ids,
+    }
+    for name, write in ((LABELS_FILE, lambda p: p.write_text(json.dumps(label_ids, indent=2))),
+                        ("gene_coverage.csv", lambda p: cov_table.to_csv(p, index=False)),
+                        (f"summary.{shard_name(i, n)}.json", lambda p: p.write_text(json.dumps(summary, indent=2)))):
+        tmpf = out_root / f".{name}.tmp-{os.getpid()}"
+        write(tmpf)
+        os.replace(tmpf, out_root / name)
+    return summary
+
+
+def _tokenize_with_helical(params: "Params", keep: pd.DataFrame, ensembl: pd.Series, label_ids: dict[str, int]):
+    """helical's TranscriptomeTokenizer on the kept cells, held in memory (the reference)."""
     import anndata
     import scipy.sparse as sp
+    from helical.models.geneformer.geneformer_tokenizer import TranscriptomeTokenizer
 
-    keep = split[split.split != "excluded"]
+    paths = model_mod.model_paths(params)
     rows = keep["row"].to_numpy()
-    wanted = np.zeros(len(split), dtype=bool)
-    wanted[rows] = True
-    blocks = []
     with data_mod.CountsReader(params.data_path, params.data.counts) as r:
-        for start, block in r.chunks(params.data.chunk_size):
-            sel = np.nonzero(wanted[start : start + block.shape[0]])[0]
-            if sel.size:
-                blocks.append(block[sel])
-    X = sp.vstack(blocks).tocsr()
-    backed = data_mod.open_backed(params.data_path)
-    try:
-        extra = [c for c in ("n_counts", "filter_pass") if c in backed.obs.columns]
-        obs_extra = backed.obs[extra].iloc[rows].reset_index(drop=True)
-    finally:
-        backed.file.close()
+        X = r.rows(int(rows.min()), int(rows.max()) + 1, dense_ok=True)[rows - rows.min()]
+    X = X if isinstance(X, np.ndarray) else sp.csr_matrix(X)
+    _, obs_cols = read_obs_columns(params.data_path, ["n_counts", "filter_pass"])
     obs = pd.DataFrame({
         "cell_id": keep["cell_id"].astype(str).values,
         "label": keep["label"].astype(str).values,
         "label_id": [label_ids[lab] for lab in keep["label"].astype(str)],
         "split": keep["split"].values,
     })
-    for c in extra:
-        obs[c] = obs_extra[c].values
+    for c, v in obs_cols.items():
+        obs[c] = v[rows]
     obs.index = obs["cell_id"].values
-    var = pd.DataFrame({"ensembl_id": ensembl.values}, index=pd.Index(
-        [f"g{i}" for i in range(len(ensembl))]))
-    return anndata.AnnData(X=X, obs=obs, var=var)
-
-
-def tokenize_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    split = data_mod.read_split(run_dir)
-    genes = pd.read_csv(run_dir / "load" / "genes.csv", index_col=0)
-    model_mod.ensure_model_files(params, run_dir)
-    dicts = model_mod.load_dictionaries(params)
-    ensembl = map_genes(genes["gene"], params.data.gene_id_type, dicts["ensembl_mapping"])
-    cov_table, cov = gene_coverage(genes["gene"], ensembl, dicts["token"], genes["n_cells"].to_numpy())
-    if cov["in_vocabulary"] == 0:
-        raise no_genes_error(params, cov)
-    label_ids = label_mapping(split)
-
-    t0 = time.perf_counter()
-    ds = _tokenize_with_helical(params, split, ensembl, label_ids)
-    elapsed = time.perf_counter() - t0
-    lengths = np.asarray(ds["length"])
-    summary = {
-        "implementation": params.tokenize.implementation,
-        "model": params.model.name,
-        "cells": int(len(ds)),
-        "shards": 1,
-        "seconds": elapsed,
-        "cells_per_second": len(ds) / elapsed if elapsed > 0 else None,
-        "length": {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max()),
-                   "mean": float(lengths.mean())} if len(lengths) else {},
-        "empty_cells": int((lengths == 0).sum()),
-        "gene_coverage": cov,
-        "labels": label_ids,
-    }
-    with runs.stage_output(run_dir, OUTPUT) as tmp:
-        ds.save_to_disk(str(tmp / shard_name(0, 1)))
-        cov_table.to_csv(tmp / "gene_coverage.csv", index=False)
-        (tmp / LABELS_FILE).write_text(json.dumps(label_ids, indent=2))
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _tokenize_with_helical(params: "Params", split: pd.DataFrame, ensembl: pd.Series, label_ids: dict[str, int]):
-    from helical.models.geneformer.geneformer_tokenizer import TranscriptomeTokenizer
-
-    paths = model_mod.model_paths(params)
-    adata = _selected_anndata(params, split, ensembl, label_ids)
+    var = pd.DataFrame({"ensembl_id": list(ensembl)}, index=pd.Index([f"g{i}" for i in range(len(ensembl))]))
+    adata = anndata.AnnData(X=X, obs=obs, var=var)
     tk = TranscriptomeTokenizer(
         custom_attr_name_dict={"cell_id": "cell_id", "label": "label", "label_id": "label_id", "split": "split"},
         nproc=1,
-        chunk_size=params.tokenize.chunk_size,
+        chunk_size=512,
         model_input_size=params.model.spec["input_size"],
         special_token=params.model.spec["special_token"],
         gene_median_file=paths["gene_median_path"],
@@ -181,7 +655,11 @@ def _tokenize_with_helical(params: "Params", split: pd.DataFrame, ensembl: pd.Se
     return tk.create_dataset(cells, meta, use_generator=False)
 
 
-def load_tokenized(run_dir: Path):
+def expected_shards(params: "Params") -> int:
+    return params.tokenize.shards
+
+
+def load_tokenized(run_dir: Path, expected: int | None = None):
     """All shards of a run's tokenized output, concatenated (memory-mapped Arrow)."""
     from datasets import concatenate_datasets, load_from_disk
 
@@ -189,6 +667,9 @@ def load_tokenized(run_dir: Path):
     shards = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("shard-"))
     if not shards:
         raise FileNotFoundError(f"{d} holds no shards. Fix: re-run the tokenize stage.")
+    n = int(shards[0].name.rsplit("-", 1)[-1])
+    if expected is not None and n != expected or len(shards) != n:
+        raise FileNotFoundError(f"{d} holds {len(shards)} of {n} shards. Fix: re-run the missing tokenize shards.")
     parts = [load_from_disk(str(p)) for p in shards]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
@@ -196,6 +677,11 @@ def load_tokenized(run_dir: Path):
 def read_labels(run_dir: Path) -> dict[str, int]:
     d = runs.require_stage_output(run_dir, OUTPUT, "tokenize")
     return json.loads((d / LABELS_FILE).read_text())
+
+
+def read_summaries(run_dir: Path) -> list[dict[str, Any]]:
+    d = runs.require_stage_output(run_dir, OUTPUT, "tokenize")
+    return [json.loads(p.read_text()) for p in sorted(d.glob("summary.shard-*.json"))]
 
 
 def split_subset(ds, split: str):

@@ -36,9 +36,10 @@ PUSH_JOB_LAUNCHER = "helical_workflow_launcher"
 class StageMetrics:
     """The metrics one stage reports, labelled with experiment and stage."""
 
-    def __init__(self, experiment: str, stage: str):
+    def __init__(self, experiment: str, stage: str, shard: str | None = None):
         self.experiment = experiment
         self.stage = stage
+        self.shard = shard
         self.registry = CollectorRegistry()
         self._metrics: dict[str, Any] = {}
         self.values: dict[str, float] = {}
@@ -60,6 +61,14 @@ class StageMetrics:
         c.labels(experiment=self.experiment, stage=self.stage, **labels).inc(float(value))
         self.values[name + "_total" + "".join(f".{v}" for _, v in sorted(labels.items()))] = float(value)
 
+    @property
+    def file_key(self) -> str:
+        """``stage`` or ``stage.shard-0000i-of-0000n``: names the metrics file."""
+        if self.shard is None:
+            return self.stage
+        i, n = (int(x) for x in self.shard.split("/"))
+        return f"{self.stage}.shard-{i:05d}-of-{n:05d}"
+
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_to_textfile(str(path), self.registry)
@@ -71,7 +80,8 @@ class StageMetrics:
         try:
             pushadd_to_gateway(
                 gateway, job=job, registry=self.registry,
-                grouping_key={"experiment": self.experiment, "stage": self.stage}, timeout=10,
+                grouping_key={"experiment": self.experiment, "stage": self.stage, "shard": self.file_key or "all"},
+                timeout=10,
             )
             return True
         except Exception as e:  # the metrics file in the run folder is still written
@@ -80,15 +90,16 @@ class StageMetrics:
 
 
 def write_status_metrics(
-    run_dir: Path, experiment: str, stage: str, *, status: str, duration_s: float, pushgateway: str | None
+    run_dir: Path, experiment: str, stage: str, *, status: str, duration_s: float, pushgateway: str | None,
+    shard: str | None = None,
 ) -> StageMetrics:
     """Written by the launcher after every stage attempt, whatever its outcome."""
-    m = StageMetrics(experiment, stage)
+    m = StageMetrics(experiment, stage, shard)
     m.gauge("helical_stage_duration_seconds", duration_s, "Wall time of the last stage attempt")
     m.gauge("helical_stage_success", 1.0 if status == "success" else 0.0, "1 if the last stage attempt succeeded")
     m.gauge("helical_stage_last_run_timestamp_seconds", time.time(), "When the last stage attempt ended")
     m.count("helical_stage_runs", 1, "Stage attempts by outcome", status=status)
-    m.write(Path(run_dir) / "metrics" / f"{stage}_status.prom")
+    m.write(Path(run_dir) / "metrics" / f"{m.file_key}_status.prom")
     m.push(pushgateway, PUSH_JOB_LAUNCHER)
     return m
 
@@ -191,14 +202,14 @@ def set_mlflow_status(params: "Params", run_dir: Path, status: str) -> None:
 
 
 @contextlib.contextmanager
-def stage_context(params: "Params", run_dir: Path, stage: str) -> Iterator[StageMetrics]:
+def stage_context(params: "Params", run_dir: Path, stage: str, shard: str | None = None) -> Iterator[StageMetrics]:
     """What a notebook stage wraps its work in: metrics file, Pushgateway, MLflow metrics.
 
     The metrics are written whether the work succeeds or fails, so a failed stage still
     reports how far it got. Nothing here marks the stage finished: the launcher does.
     """
     run_dir = Path(run_dir)
-    m = StageMetrics(params.experiment, stage)
+    m = StageMetrics(params.experiment, stage, shard)
     t0 = time.perf_counter()
     ok = False
     try:
@@ -206,7 +217,7 @@ def stage_context(params: "Params", run_dir: Path, stage: str) -> Iterator[Stage
         ok = True
     finally:
         m.gauge("helical_stage_work_seconds", time.perf_counter() - t0, "Time spent in the stage's work")
-        m.write(run_dir / "metrics" / f"{stage}.prom")
+        m.write(run_dir / "metrics" / f"{m.file_key}.prom")
         m.push(params.pushgateway, PUSH_JOB_STAGE)
         if ok:
-            log_metrics(params, run_dir, {f"{stage}.{k}": v for k, v in m.values.items()})
+            log_metrics(params, run_dir, {f"{m.file_key}.{k}": v for k, v in m.values.items()})

@@ -60,7 +60,7 @@ def fine_tune_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     import torch
 
     run_dir = Path(run_dir)
-    ds = tok.load_tokenized(run_dir)
+    ds = tok.load_tokenized(run_dir, expected=params.tokenize.shards)
     labels = tok.read_labels(run_dir)
     train_ds = tok.split_subset(ds, "train")
     val_ds = tok.split_subset(ds, "validation")
