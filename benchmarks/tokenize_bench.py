@@ -1,0 +1,187 @@
+"""Tokenizer benchmark: ours (streaming, backed mode) against helical's ``Geneformer.process_data``.
+
+Same generated data (about 20k genes, 1-3k expressed per cell, count-like values) and the
+same dictionaries for both. Each measurement runs in a fresh process; peak RSS includes
+worker processes. Prints cells/s, peak RSS and the ratios measured in this run.
+
+    .venv/kernel/bin/python benchmarks/tokenize_bench.py [--helical-cells 5000] [--sizes 50000,200000,1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "outputs" / "bench" / "tokenize"
+N_GENES = 20_000
+MODEL = "gf-6L-10M-i2048"
+
+
+def gene_ids() -> list[str]:
+    return [f"ENSG{i:011d}" for i in range(N_GENES)]
+
+
+def make_dicts(d: Path) -> Path:
+    """v1-style dictionaries over the generated genes, in helical's cache layout."""
+    vdir = d / ".cache" / "helical" / "models" / "geneformer" / "v1"
+    if (vdir / MODEL / "training_args.bin").exists():
+        return vdir
+    vdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ids = gene_ids()
+    token = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(ids)}}
+    medians = dict(zip(ids, rng.gamma(2.0, 1.0, N_GENES).round(3) + 0.05))
+    mapping = {g: g for g in ids}
+    for name, obj in (("token_dictionary.pkl", token), ("gene_median_dictionary.pkl", medians),
+                      ("ensembl_mapping_dict.pkl", mapping)):
+        with open(vdir / name, "wb") as f:
+            pickle.dump(obj, f)
+    # a tiny Geneformer-shaped model so that helical's Geneformer() can be constructed
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=len(token), hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=256, max_position_embeddings=2048, pad_token_id=0)
+    BertForMaskedLM(cfg).save_pretrained(vdir / MODEL)
+    import torch
+
+    torch.save({}, vdir / MODEL / "training_args.bin")
+    return vdir
+
+
+def make_h5ad(path: Path, n_cells: int, seed: int = 0, chunk: int = 2000) -> Path:
+    """Written incrementally (never the whole matrix in memory)."""
+    if path.exists():
+        return path
+    import anndata
+    import h5py
+    import pandas as pd
+    import scipy.sparse as sp
+    from anndata.io import sparse_dataset, write_elem
+
+    rng = np.random.default_rng(seed)
+    lam = rng.gamma(0.6, 2.0, N_GENES)  # per-gene mean expression
+    tmp = path.with_suffix(".tmp")
+    obs = pd.DataFrame({"cell_type": rng.choice(["T", "B", "NK", "Mono", "DC"], n_cells)},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    var = pd.DataFrame(index=gene_ids())
+    anndata.AnnData(obs=obs, var=var).write_h5ad(tmp)
+    with h5py.File(tmp, "a") as f:
+        if "X" in f:
+            del f["X"]
+        first = True
+        for start in range(0, n_cells, chunk):
+            r = min(chunk, n_cells - start)
+            k = rng.integers(1000, 3001, r)
+            u = rng.random((r, N_GENES), dtype=np.float32)
+            mask = u < (k / N_GENES)[:, None].astype(np.float32)
+            rows, cols = np.nonzero(mask)
+            vals = (1 + rng.poisson(lam[cols])).astype(np.float32)
+            block = sp.csr_matrix((vals, (rows, cols)), shape=(r, N_GENES))
+            if first:
+                write_elem(f, "X", block)
+                first = False
+            else:
+                sparse_dataset(f["X"]).append(block)
+    tmp.replace(path)
+    return path
+
+
+def peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024
+
+
+def run_ours(h5: str, dicts: str, workers: int) -> dict:
+    sys.path.insert(0, str(ROOT / "src"))
+    from helical_workflow.tokenize import tokenize_h5ad
+
+    out = WORK / f"out-{Path(h5).stem}-w{workers}"
+    t0 = time.perf_counter()
+    res = tokenize_h5ad(Path(h5), out, model_name=MODEL, dict_dir=Path(dicts), gene_id_type="ensembl",
+                        label_key="cell_type", workers=workers)
+    dt = time.perf_counter() - t0
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    return {"cells": res.cells, "seconds": dt, "cells_per_s": res.cells / dt, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_helical(h5: str, dicts: str) -> dict:
+    """helical's own path: read the h5ad, then Geneformer.process_data (gene ids given, no mapping)."""
+    import anndata
+    from helical.models.geneformer import Geneformer, GeneformerConfig
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from helical_workflow.model import cache_only_downloader
+
+    vdir = Path(dicts)
+    cfg = GeneformerConfig(model_name=MODEL, batch_size=10)
+    cfg.files_config = {"model_files_dir": vdir / MODEL, "gene_median_path": vdir / "gene_median_dictionary.pkl",
+                        "token_path": vdir / "token_dictionary.pkl", "ensembl_dict_path": vdir / "ensembl_mapping_dict.pkl"}
+    with cache_only_downloader(vdir.parent.parent):
+        model = Geneformer(cfg)
+    t0 = time.perf_counter()
+    ad = anndata.read_h5ad(h5)
+    ad.var["ensembl_id"] = ad.var_names
+    ds = model.process_data(ad, gene_names="ensembl_id")
+    dt = time.perf_counter() - t0
+    return {"cells": len(ds), "seconds": dt, "cells_per_s": len(ds) / dt, "peak_rss_mb": peak_rss_mb()}
+
+
+def measure(kind: str, h5: Path, dicts: Path, workers: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--h5", str(h5), "--dicts", str(dicts), "--workers", str(workers)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--helical-cells", type=int, default=5000)
+    ap.add_argument("--sizes", default="50000,200000,1000000")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--worker", choices=["ours", "helical"])
+    ap.add_argument("--h5")
+    ap.add_argument("--dicts")
+    args = ap.parse_args()
+    if args.worker == "ours":
+        print(json.dumps(run_ours(args.h5, args.dicts, args.workers)))
+        return
+    if args.worker == "helical":
+        print(json.dumps(run_helical(args.h5, args.dicts)))
+        return
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    dicts = make_dicts(WORK / "models")
+    print(f"machine: {os.cpu_count()} cores; genes {N_GENES}, 1-3k expressed per cell; model {MODEL}")
+    n = args.helical_cells
+    h5 = make_h5ad(WORK / f"cells-{n}.h5ad", n)
+    ref = measure("helical", h5, dicts)
+    rows = [("helical process_data", n, ref)]
+    for w in sorted({1, args.workers}):
+        rows.append((f"ours, {w} worker(s)", n, measure("ours", h5, dicts, w)))
+    for size in [int(s) for s in args.sizes.split(",") if s]:
+        t0 = time.perf_counter()
+        h5s = make_h5ad(WORK / f"cells-{size}.h5ad", size, seed=size)
+        print(f"  (generated/cached {h5s.name} in {time.perf_counter() - t0:.0f} s)", flush=True)
+        rows.append((f"ours, {args.workers} worker(s)", size, measure("ours", h5s, dicts, args.workers)))
+    print(f"\n{'implementation':26s} {'cells':>9s} {'seconds':>8s} {'cells/s':>10s} {'peak RSS MB':>12s} {'vs helical':>11s}")
+    for name, cells, r in rows:
+        print(f"{name:26s} {cells:9d} {r['seconds']:8.1f} {r['cells_per_s']:10.0f} {r['peak_rss_mb']:12.0f} "
+              f"{r['cells_per_s'] / ref['cells_per_s']:10.1f}x")
+
+
+if __name__ == "__main__":
+    main()
