@@ -80,19 +80,31 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     bs = train.batch_size(params, "evaluate")
     model, labels = train.load_trained(params, run_dir, batch_size=bs, device=device)
     names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-    test = tok.split_subset(tok.load_tokenized(run_dir), "test")
-    if len(test) == 0:
-        raise ValueError("the test split is empty. Fix: raise data.split.test or lower min_cells_per_class.")
-    logits = model.get_outputs(test, silent=True)
-    embeddings = model.get_embeddings(test)
-    y_true = np.asarray(test["label_id"])
+    ds = tok.load_tokenized(run_dir, expected=params.tokenize.shards)
+    if params.fine_tune.implementation == "helical":  # helical's own inference path
+        test = tok.split_subset(ds, "test")
+        if len(test) == 0:
+            raise ValueError("the test split is empty. Fix: raise data.split.test or lower min_cells_per_class.")
+        logits = model.get_outputs(test, silent=True)
+        embeddings = model.get_embeddings(test)
+        y_true, cell_ids = np.asarray(test["label_id"]), list(test["cell_id"])
+    else:
+        store = train.TokenStore(ds)
+        idx = np.nonzero((store.split == "test") & (store.lengths > 0))[0]
+        if len(idx) == 0:
+            raise ValueError("the test split is empty. Fix: raise data.split.test or lower min_cells_per_class.")
+        profile = params.profile_for("evaluate")
+        logits, embeddings = train.predict(model, store, idx, batch_size=bs, device=device,
+                                           precision=profile.precision, pad_id=model.pad_token_id)
+        y_true, cell_ids = store.labels[idx], [store.cell_id[i] for i in idx]
     y_pred = logits.argmax(1)
     probs = softmax(logits)
     metrics = classification_metrics(y_true, y_pred, names)
     metrics["chance_accuracy"] = float(np.bincount(y_true).max() / len(y_true))
+    metrics["n_cells"] = int(len(y_true))
     metrics["baseline_logreg"] = expression_baseline(params, run_dir, names)
     preds = pd.DataFrame({
-        "cell_id": test["cell_id"],
+        "cell_id": cell_ids,
         "true_label": [names[i] for i in y_true],
         "predicted_label": [names[i] for i in y_pred],
         "confidence": probs.max(1),
@@ -103,7 +115,7 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
         np.save(tmp / "embeddings.npy", np.asarray(embeddings, dtype=np.float32))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_confusion(metrics["confusion_matrix"], tmp / "confusion_matrix.png")
-        if params.evaluate.umap and len(test) >= 10:
+        if params.evaluate.umap and len(y_true) >= 10:
             plot_umap(np.asarray(embeddings), preds, names, tmp / "umap.png", seed=params.data.split.seed)
     return metrics
 

@@ -128,11 +128,25 @@ class TokenizeParams(_Strict):
 
 
 class FineTuneParams(_Strict):
-    implementation: Literal["helical"] = "helical"
+    implementation: Literal["batched", "helical"] = Field(
+        "batched", description="batched: our AMP loop around helical's model; helical: GeneformerFineTuningModel.train")
     epochs: int = Field(1, ge=1)
     batch_size: int | None = Field(None, ge=1, description="default: the profile's batch_size")
     learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
     freeze_layers: int = Field(0, ge=0)
+    encoder_dropout: bool = Field(True, description="false: encoder in eval mode while training, as helical's train")
+    class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
+    early_stopping_patience: int | None = Field(None, ge=1, description="epochs without a better validation macro-F1")
+    shuffle: bool = True
+    group_by_length: bool = True
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="besides every epoch")
+    log_every_steps: int = Field(10, ge=1)
+    processes: int | None = Field(None, ge=1, description="data-parallel processes; default: the profile's gpus (or 1)")
 
 
 class EvaluateParams(_Strict):

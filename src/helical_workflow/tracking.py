@@ -178,7 +178,20 @@ def log_metrics(params: "Params", run_dir: Path, metrics: Mapping[str, float], s
 
     run_id = ensure_mlflow_run(params, run_dir)
     ts = int(time.time() * 1000)
-    items = [Metric(k.replace("/", "."), float(v), ts, step or 0) for k, v in metrics.items()]
+    items = [Metric(k.replace("/", "."), float(v), ts, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    client = _client(params)
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def log_metrics_series(params: "Params", run_dir: Path, key: str, points: list[tuple[int, float]]) -> None:
+    """One metric at several steps (e.g. the training loss per optimizer step)."""
+    from mlflow.entities import Metric
+
+    run_id = ensure_mlflow_run(params, run_dir)
+    ts = int(time.time() * 1000)
+    items = [Metric(key, float(v), ts, int(step)) for step, v in points]
     client = _client(params)
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i : i + 500])
