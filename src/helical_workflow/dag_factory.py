@@ -20,6 +20,11 @@ import yaml
 from airflow.providers.papermill.operators.papermill import PapermillOperator
 from airflow.sdk import DAG
 
+try:
+    from airflow.providers.docker.operators.docker import DockerOperator
+except ImportError:  # the docker provider is optional for local-only installs
+    DockerOperator = None
+
 from . import launch
 from .params import STAGES, Params, ParamsError, load_params
 
@@ -50,6 +55,141 @@ class StageOperator(PapermillOperator):
             kernel_name=self.kernel_name or launch.KERNEL_NAME, log_output=self.log_output,
         )
         return str(result.run_dir)  # only a path goes to XCom: stages hand over files
+
+
+KERNEL_IMAGE_ENV = "HELICAL_KERNEL_IMAGE"
+IN_IMAGE_ROOT = "/opt/helical-workflow"
+
+
+def kernel_image() -> str:
+    return os.environ.get(KERNEL_IMAGE_ENV, "helical-workflow-kernels:latest")
+
+
+def _stage_command(params_path: Path, stage: str, shard: str | None) -> list[str]:
+    """The kernel image's entry point runs the same launch code as the local launcher."""
+    cmd = ["stage", f"{IN_IMAGE_ROOT}/params/{params_path.name}", stage, "{{ run_id }}"]
+    return cmd + (["--shard", shard] if shard else [])
+
+
+def _memory_bytes(text: str) -> str:
+    """Profile memory ('8g', '64Gi') as Docker wants it ('8g')."""
+    return text.lower().replace("i", "")
+
+
+def _k8s_quantity(text: str) -> str:
+    """'64g' -> '64Gi' (binary units, as Docker reads 'g')."""
+    t = text.strip()
+    if t[-1:].lower() in ("k", "m", "g"):
+        return t[:-1] + t[-1].upper() + "i"
+    return t
+
+
+class DockerStageOperator(DockerOperator if DockerOperator is not None else object):  # type: ignore[misc]
+    """A stage in the kernel image through the Docker API (Docker Engine, a socket proxy, or Podman).
+
+    Data folder read-only, run folders read-write, GPUs by device request, memory and CPUs from the
+    profile, a unique container name per run, task, map index and try, removed whatever the outcome.
+    """
+
+    def execute(self, context: Any) -> Any:
+        from docker.errors import APIError, DockerException
+
+        try:
+            return super().execute(context)
+        except (APIError, DockerException) as e:
+            raise RuntimeError(_explain_docker_error(e, self.image, self.docker_url)) from None
+
+
+def _explain_docker_error(e: Exception, image: str, url: str | None) -> str:
+    text = str(e)
+    low = text.lower()
+    if "could not select device driver" in low or "nvidia" in low and "gpu" in low:
+        return (f"the stage asks for a GPU but the Docker host has none usable ({text}). Fix: run on a GPU host "
+                "with the NVIDIA container toolkit, or give this stage a CPU profile.")
+    if "not found" in low or "no such image" in low or "pull access denied" in low or "manifest unknown" in low:
+        return f"image {image!r} is not on the Docker host and could not be pulled ({text}). Fix: `make image` there."
+    if "connection" in low or "no such file" in low or "refused" in low:
+        return (f"cannot reach the Docker API at {url or 'DOCKER_HOST'} ({text}). Fix: start the engine (or "
+                "`podman system service`) and point DOCKER_HOST at it.")
+    return f"container run failed: {text}"
+
+
+def _docker_task(params: Params, path: Path, stage: str, common: dict[str, Any], profile: Any):
+    from docker.types import DeviceRequest, Mount
+
+    # host paths as the Docker engine sees them (they differ when Airflow itself runs in a container)
+    data_dir = os.environ.get("HELICAL_HOST_DATA", str(params.data_path.parent))
+    outputs = os.environ.get("HELICAL_HOST_OUTPUTS", str(params.outputs_path))
+    params_dir = os.environ.get("HELICAL_HOST_PARAMS", str(Path(params.source_path).parent))
+    mounts = [
+        Mount(target=f"{IN_IMAGE_ROOT}/data", source=data_dir, type="bind", read_only=True),
+        Mount(target=f"{IN_IMAGE_ROOT}/outputs", source=outputs, type="bind", read_only=False),
+        Mount(target=f"{IN_IMAGE_ROOT}/params", source=params_dir, type="bind", read_only=True),
+    ]
+    env = {"HELICAL_WORKFLOW_OUTPUTS": f"{IN_IMAGE_ROOT}/outputs", "HELICAL_WORKFLOW_HOME": IN_IMAGE_ROOT}
+    for k in ("HELICAL_PUSHGATEWAY", "MLFLOW_TRACKING_URI"):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
+    requests = [DeviceRequest(count=profile.gpus, capabilities=[["gpu"]])] if profile.gpus else None
+    name = ("hw-{{ dag.dag_id }}-{{ task.task_id }}-{{ ti.map_index }}-{{ run_id | replace(':', '') | replace('+', '') "
+            "| replace('.', '') }}-{{ ti.try_number }}").replace(" ", "")
+    kw = dict(common)
+    shard = kw.pop("shard", None)
+    return DockerStageOperator(
+        image=kernel_image(), command=_stage_command(path, stage, shard), container_name=name,
+        docker_url=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"), mounts=mounts,
+        environment=env, mem_limit=_memory_bytes(profile.memory), cpus=float(profile.cpus),
+        device_requests=requests, auto_remove="force", mount_tmp_dir=False,
+        user=os.environ.get("HELICAL_CONTAINER_USER", "1000"), **kw,
+    )
+
+
+def _k8s_task(params: Params, path: Path, stage: str, common: dict[str, Any], profile: Any):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    cpus = int(profile.cpus) if float(profile.cpus).is_integer() else profile.cpus
+    limits = {"memory": _k8s_quantity(profile.memory), "cpu": str(cpus)}
+    if profile.gpus:
+        limits["nvidia.com/gpu"] = str(profile.gpus)
+    volumes = [
+        k8s.V1Volume(name="data", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=os.environ.get("HELICAL_DATA_PVC", "helical-data"), read_only=True)),
+        k8s.V1Volume(name="outputs", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=os.environ.get("HELICAL_OUTPUTS_PVC", "helical-outputs"))),
+    ]
+    mounts = [k8s.V1VolumeMount(name="data", mount_path=f"{IN_IMAGE_ROOT}/data", read_only=True),
+              k8s.V1VolumeMount(name="outputs", mount_path=f"{IN_IMAGE_ROOT}/outputs")]
+    kw = dict(common)
+    shard = kw.pop("shard", None)
+    return KubernetesPodOperator(
+        image=kernel_image(), cmds=["python", "/usr/local/bin/helical-kernel"],
+        arguments=_stage_command(path, stage, shard), name=f"hw-{stage}",
+        namespace=os.environ.get("HELICAL_K8S_NAMESPACE", "default"),
+        container_resources=k8s.V1ResourceRequirements(limits=limits, requests=dict(limits)),
+        node_selector=dict(profile.node_selector) or None,
+        tolerations=[k8s.V1Toleration(**t) for t in profile.tolerations] or None,
+        volumes=volumes, volume_mounts=mounts,
+        env_vars={"HELICAL_WORKFLOW_OUTPUTS": f"{IN_IMAGE_ROOT}/outputs"},
+        security_context=k8s.V1PodSecurityContext(run_as_user=1000, run_as_non_root=True),
+        on_finish_action="delete_pod", get_logs=True, **kw,
+    )
+
+
+def make_task(params: Params | None, path: Path, stage: str, common: dict[str, Any], shards: list[str] | None):
+    """The task (or mapped tasks, one per shard) for a stage, by the launcher of its resource profile."""
+    profile = params.profile_for(stage) if params else None
+    launcher = profile.launcher if profile else "local"
+    if launcher == "local":
+        if shards:
+            return StageOperator.partial(params_path=str(path), stage=stage, **common).expand(shard=shards)
+        return StageOperator(params_path=str(path), stage=stage, **common)
+    build = _docker_task if launcher == "docker" else _k8s_task
+    if shards:
+        tasks = [build(params, path, stage, {**common, "task_id": f"{stage}_{i}", "shard": s}, profile)
+                 for i, s in enumerate(shards)]
+        return tasks
+    return build(params, path, stage, common, profile)
 
 
 def _dag_section(path: Path) -> tuple[dict[str, Any] | None, bool]:
@@ -97,14 +237,12 @@ def build_dag(path: Path) -> DAG | None:
         kw: dict[str, Any] = {}
         if profile and profile.pool:
             kw["pool"] = profile.pool
-        common = dict(task_id=stage, params_path=str(path), stage=stage, dag=dag,
-                      retries=profile.retries if profile else 0, retry_delay=timedelta(seconds=30), **kw)
+        common = dict(task_id=stage, dag=dag, retries=profile.retries if profile else 0,
+                      retry_delay=timedelta(seconds=30), **kw)
         n = params.tokenize.shards if params else 1
-        if stage == "tokenize" and n > 1:
-            # dynamic task mapping: one task instance per row shard
-            task = StageOperator.partial(**common).expand(shard=[f"{i}/{n}" for i in range(n)])
-        else:
-            task = StageOperator(**common)
+        # dynamic task mapping: one task instance per row shard
+        shards = [f"{i}/{n}" for i in range(n)] if stage == "tokenize" and n > 1 else None
+        task = make_task(params, path, stage, common, shards)
         if previous is not None:
             previous >> task
         previous = task

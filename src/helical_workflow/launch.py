@@ -137,8 +137,15 @@ def run_stage(params_path: str | os.PathLike, stage: str, run_id: str, *, shard:
     finally:
         seconds = time.perf_counter() - t0
         runs.set_stage(run_dir, key, status=status, ended=runs.now_iso(), seconds=round(seconds, 3), error=error)
+        workflow_s = None
+        if stage == STAGES[-1] and status == "success":
+            created = runs.read_manifest(run_dir).get("created")
+            if created:
+                from datetime import datetime, timezone
+
+                workflow_s = (datetime.now(timezone.utc) - datetime.fromisoformat(created)).total_seconds()
         tracking.write_status_metrics(run_dir, params.experiment, stage, status=status, duration_s=seconds,
-                                      pushgateway=params.pushgateway, shard=shard)
+                                      pushgateway=params.pushgateway, shard=shard, workflow_s=workflow_s)
         if finalize:
             _finalize(params, stage, run_dir, status, kernel_name, key=key, notebook=out_nb)
     return StageResult(stage, run_dir, status, seconds, out_nb)

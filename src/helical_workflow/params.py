@@ -139,7 +139,9 @@ class FineTuneParams(_Strict):
     gradient_accumulation: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     freeze_layers: int = Field(0, ge=0)
-    encoder_dropout: bool = Field(True, description="false: encoder in eval mode while training, as helical's train")
+    encoder_dropout: bool = Field(
+        False, description="true: dropout in the encoder while training; false (default): encoder in eval mode, as "
+        "helical's train runs it (results comparable to helical, about 2x faster on CPU)")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     early_stopping_patience: int | None = Field(None, ge=1, description="epochs without a better validation macro-F1")
     shuffle: bool = True

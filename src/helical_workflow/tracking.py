@@ -91,10 +91,15 @@ class StageMetrics:
 
 def write_status_metrics(
     run_dir: Path, experiment: str, stage: str, *, status: str, duration_s: float, pushgateway: str | None,
-    shard: str | None = None,
+    shard: str | None = None, workflow_s: float | None = None,
 ) -> StageMetrics:
-    """Written by the launcher after every stage attempt, whatever its outcome."""
+    """Written by the launcher after every stage attempt, whatever its outcome.
+
+    ``workflow_s`` (after the last stage): wall time of the whole workflow run so far.
+    """
     m = StageMetrics(experiment, stage, shard)
+    if workflow_s is not None:
+        m.gauge("helical_workflow_duration_seconds", workflow_s, "Wall time of the workflow run, first stage to last")
     m.gauge("helical_stage_duration_seconds", duration_s, "Wall time of the last stage attempt")
     m.gauge("helical_stage_success", 1.0 if status == "success" else 0.0, "1 if the last stage attempt succeeded")
     m.gauge("helical_stage_last_run_timestamp_seconds", time.time(), "When the last stage attempt ended")
@@ -139,14 +144,15 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def ensure_mlflow_run(params: "Params", run_dir: Path) -> str:
     """The MLflow run of this workflow run: created by the first stage, reused by the rest."""
     run_dir = Path(run_dir)
-    existing = runs.read_manifest(run_dir).get("mlflow", {}).get("run_id")
-    if existing:
-        return existing
+    uri = tracking_uri(params)
+    known = runs.read_manifest(run_dir).get("mlflow", {})
+    if known.get("run_id") and known.get("tracking_uri") == uri:
+        return known["run_id"]
     with runs._locked(run_dir):
         manifest = runs.read_manifest(run_dir)
-        existing = manifest.get("mlflow", {}).get("run_id")
-        if existing:
-            return existing
+        known = manifest.get("mlflow", {})
+        if known.get("run_id") and known.get("tracking_uri") == uri:  # another store: a new MLflow run there
+            return known["run_id"]
         from mlflow.entities import Param
 
         client = _client(params)

@@ -156,8 +156,14 @@ def collate(store: TokenStore, batch: np.ndarray, pad_id: int, pin: bool = False
 # ------------------------------------------------------------------ model ---------
 
 def _classifier_module(model):
-    """An nn.Module whose forward is helical's ``_forward`` (for DDP and autocast)."""
+    """An nn.Module computing helical's ``_forward`` (for DDP and autocast), without the masked-LM head.
+
+    helical runs the whole BertForMaskedLM (vocabulary logits for every token, all hidden states)
+    and keeps only the last hidden state; the encoder alone gives that same tensor at a fraction
+    of the cost. Pooling (cls / mean over non-padding) and the head are helical's own.
+    """
     import torch
+    from helical.models.geneformer.geneformer_utils import mean_nonpadding_embs
 
     class Classifier(torch.nn.Module):
         def __init__(self, inner):
@@ -165,9 +171,17 @@ def _classifier_module(model):
             self.inner = inner
 
         def forward(self, input_ids, attention_mask, length):
-            # helical's _forward subtracts from `length` in place for models with <cls>: pass a copy
-            return self.inner._forward(input_ids=input_ids, attention_mask_minibatch=attention_mask,
-                                       original_lengths=length.clone())
+            m = self.inner
+            emb = m.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if m.emb_mode == "cls" and m.cls_present:
+                emb = emb[:, 0, :]
+            else:
+                length = length.clone()
+                if m.cls_present:
+                    emb = emb[:, 1:, :]
+                    length = length - (2 if m.eos_present else 1)
+                emb = mean_nonpadding_embs(emb, length)
+            return m.fine_tuning_head(emb)
 
     return Classifier(model)
 

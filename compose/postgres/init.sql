@@ -1,0 +1,2 @@
+-- second database for MLflow next to Airflow's
+CREATE DATABASE mlflow;
