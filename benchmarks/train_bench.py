@@ -51,7 +51,8 @@ def synthetic_run(n_cells: int, n_genes: int, input_size: int, layers: int, seed
     shard = run_dir / "tokenized" / "shard-00000-of-00001"
     if not shard.exists():
         rng = np.random.default_rng(seed)
-        lens = rng.integers(int(input_size * 0.5), input_size + 1, n_cells)
+        lo = int(input_size * 0.5) if input_size >= 2048 else 64
+        lens = rng.integers(lo, input_size + 1, n_cells)
         labels = rng.integers(0, 10, n_cells)
         ds = Dataset.from_dict({
             "input_ids": [rng.choice(np.arange(2, n_genes + 2), n, replace=False).astype(np.int32) for n in lens],
@@ -150,6 +151,8 @@ def bench_helical(run_dir: Path, cache: Path, device: str, bs: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="CPU: synthetic cells over a 20k-gene vocabulary, lengths 64-512 (instead of the demo run)")
     ap.add_argument("--cells", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -158,6 +161,9 @@ def main() -> None:
     if args.gpu:
         run_dir, cache = synthetic_run(args.cells, 20000, 2048, layers=6)
         bs = args.batch_size or 16
+    elif args.synthetic:
+        run_dir, cache = synthetic_run(args.cells, 20000, 512, layers=2)
+        bs = args.batch_size or 10
     else:
         run_dir, cache = demo_run()
         bs = args.batch_size or 10
@@ -173,7 +179,8 @@ def main() -> None:
         runs_.append(("ours fp16", "ours:fp16"))
     res = {}
     for name, one in runs_:
-        cmd = [sys.executable, __file__, "--one", one, "--cells", str(args.cells), "--batch-size", str(bs)] + (["--gpu"] if args.gpu else [])
+        cmd = [sys.executable, __file__, "--one", one, "--cells", str(args.cells), "--batch-size", str(bs)]
+        cmd += (["--gpu"] if args.gpu else []) + (["--synthetic"] if args.synthetic else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{name}: failed\n{out.stderr[-2000:]}")

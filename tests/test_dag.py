@@ -13,7 +13,7 @@ from .conftest import AIRFLOW_BIN, ROOT, demo_params, run
 
 @pytest.fixture
 def airflow_env(tmp_path, model_cache, workflow_env):
-    params = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=1)
+    params = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=2)
     broken = yaml.safe_load(params.read_text())
     broken["experiment"] = "broken"
     broken["fine_tune"]["epochs"] = "three"
