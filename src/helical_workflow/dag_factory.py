@@ -98,6 +98,11 @@ class DockerStageOperator(DockerOperator if DockerOperator is not None else obje
             return super().execute(context)
         except (APIError, DockerException) as e:
             raise RuntimeError(_explain_docker_error(e, self.image, self.docker_url)) from None
+        except Exception as e:  # the hook's "Failed to establish connection to any given Docker hosts."
+            if "establish connection" in str(e):
+                raise RuntimeError(_explain_docker_error(ConnectionError(f"connection failed: {e}"), self.image,
+                                                         self.docker_url)) from None
+            raise
 
 
 def _explain_docker_error(e: Exception, image: str, url: str | None) -> str:
