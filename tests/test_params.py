@@ -83,7 +83,7 @@ def test_unknown_profile(tmp_path):
     raw = base()
     raw["profile"] = "tpu"
     (msg,) = problems(write(tmp_path, raw))
-    assert msg.startswith("profile: unknown resource profile 'tpu'") and "cpu, gpu" in msg
+    assert msg.startswith("profile: unknown resource profile 'tpu'") and "cpu, cpu-docker, gpu, gpu-k8s" in msg
 
 
 def test_missing_and_broken_data_files(tmp_path):

@@ -175,3 +175,12 @@ def test_ddp_with_two_cpu_processes(prepared, tmp_path, workflow_env):
     assert hist[1]["train_loss"] < hist[0]["train_loss"]
     # each of the 2 ranks took half of the batches: 16 optimizer steps per epoch instead of 31
     assert info["optimizer_steps"] == 2 * (31 // 2)
+
+
+def test_gpu_profile_without_gpu_fails_before_compute(tmp_path, model_cache):
+    import torch
+
+    params = load_params(demo_params(tmp_path, model_cache=model_cache, stage_profiles={"fine_tune": "gpu"}))
+    assert not torch.cuda.is_available()
+    with pytest.raises(RuntimeError, match="asks for a GPU .* none is visible. Fix: run on a GPU host or choose a CPU"):
+        train.device_for(params, "fine_tune")

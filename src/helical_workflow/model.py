@@ -14,7 +14,6 @@ cache layout, and loaded through exactly the same code as a downloaded model.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import pickle
@@ -139,15 +138,10 @@ def ensure_model_files(params: "Params", run_dir: Path | None = None) -> dict[st
     return model_paths(params)
 
 
-@contextlib.contextmanager
-def _build_lock(dir_: Path) -> Iterator[None]:
-    dir_.mkdir(parents=True, exist_ok=True)
-    with open(dir_ / ".build.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _build_lock(dir_: Path):
+    from .runs import file_lock
+
+    return file_lock(Path(dir_) / ".build.lock")
 
 
 def _local_gene_ids(genes: list[str]) -> dict[str, str]:

@@ -43,14 +43,19 @@ def now_iso() -> str:
 
 
 @contextlib.contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".run.lock", "a+") as lock:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (fcntl), held for the ``with`` block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _locked(run_dir: Path):
+    return file_lock(Path(run_dir) / ".run.lock")
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
