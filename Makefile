@@ -84,6 +84,7 @@ lab: env data
 
 airflow: env data
 	@echo "Log in as 'admin'; the password is in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
+	$(VENV)/airflow/bin/airflow pools set gpu $${HELICAL_GPU_POOL_SLOTS:-1} "GPU stages queue here" >/dev/null
 	$(VENV)/airflow/bin/airflow standalone
 
 bench: env data
