@@ -65,18 +65,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_id = args.run_id or "manual__" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    try:
-        params = load_params(args.params)
+    try:  # run_all validates the params file before any stage starts
+        run_dir = launch.run_all(args.params, run_id, stages, kernel_name=args.kernel, log_output=not args.quiet)
     except ParamsError as e:
         print(f"INVALID {e}", file=sys.stderr)
         return 2
-    try:
-        run_dir = launch.run_all(args.params, run_id, stages, kernel_name=args.kernel, log_output=not args.quiet)
     except launch.StageFailed as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     print_reports(run_dir)
-    del params
     return 0
 
 

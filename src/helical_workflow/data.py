@@ -33,7 +33,8 @@ class DatasetError(ValueError):
     """The dataset cannot be used as the params say. The message names the problem and the fix."""
 
 
-def _open_h5(path: Path):
+def open_h5(path: Path):
+    """The file opened with h5py, or a DatasetError saying it is missing, truncated or not HDF5."""
     import h5py
 
     path = Path(path)
@@ -52,7 +53,7 @@ def open_backed(path: Path):
     """Open an .h5ad in backed mode (obs/var in memory, the matrix stays on disk)."""
     import anndata
 
-    with _open_h5(path):
+    with open_h5(path):
         pass
     try:
         return anndata.read_h5ad(path, backed="r")
@@ -79,7 +80,7 @@ class CountsReader:
 
         self.path = Path(path)
         self.source = source
-        self._f = _open_h5(path)
+        self._f = open_h5(path)
         key = _matrix_key(source)
         if key not in self._f:
             available = ["X"] + (["raw"] if "raw/X" in self._f else []) + [

@@ -88,7 +88,7 @@ def stage_keys(params: Params, stage: str) -> list[str]:
     """The run.json keys of a stage: one, or one per tokenize shard."""
     n = params.tokenize.shards
     if stage == "tokenize" and n > 1:
-        return [f"tokenize.shard-{i:05d}-of-{n:05d}" for i in range(n)]
+        return [runs.stage_key(stage, f"{i}/{n}") for i in range(n)]
     return [stage]
 
 
@@ -114,11 +114,8 @@ def run_stage(params_path: str | os.PathLike, stage: str, run_id: str, *, shard:
     run_dir = runs.run_dir_for(params.outputs_path, params.experiment, run_id)
     runs.init_run(run_dir, experiment=params.experiment, run_id=run_id, params_snapshot=params.snapshot())
     _upstream_ok(params, run_dir, stage)
-    key, nb_name = stage, NOTEBOOKS[stage]
-    if shard is not None:
-        i, n = (int(x) for x in str(shard).split("/"))
-        key = f"{stage}.shard-{i:05d}-of-{n:05d}"
-        nb_name = nb_name.replace(".ipynb", f".shard-{i:05d}-of-{n:05d}.ipynb")
+    key = runs.stage_key(stage, shard)
+    nb_name = NOTEBOOKS[stage] if shard is None else NOTEBOOKS[stage].replace(".ipynb", key[len(stage):] + ".ipynb")
     profile = params.profile_for(stage)
     out_nb = run_dir / "notebooks" / nb_name
     prev = runs.read_manifest(run_dir).get("stages", {}).get(key, {})

@@ -38,6 +38,29 @@ def run_dir_for(outputs: Path, experiment: str, run_id: str) -> Path:
     return Path(outputs) / experiment / safe_run_id(run_id)
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' (0-based I) -> (I, N); None -> (0, 1)."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"shard {text!r} is not of the form I/N (e.g. 0/4)") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def shard_name(i: int, n: int) -> str:
+    """The name of shard i of n: output folders, run.json keys, notebook and metrics files."""
+    return f"shard-{i:05d}-of-{n:05d}"
+
+
+def stage_key(stage: str, shard: str | None) -> str:
+    """``stage``, or ``stage.shard-0000i-of-0000n`` for one shard of a sharded stage."""
+    return stage if shard is None else f"{stage}.{shard_name(*parse_shard(shard))}"
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

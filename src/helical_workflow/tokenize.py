@@ -69,21 +69,15 @@ class TokenizeError(ValueError):
     pass
 
 
-def shard_name(i: int, n: int) -> str:
-    return f"shard-{i:05d}-of-{n:05d}"
+shard_name = runs.shard_name
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
-    """'I/N' (0-based I) -> (I, N)."""
-    if not text:
-        return 0, 1
+    """'I/N' (0-based I) -> (I, N), as a TokenizeError when malformed."""
     try:
-        i, n = (int(x) for x in str(text).split("/"))
-    except ValueError:
-        raise TokenizeError(f"shard {text!r} is not of the form I/N (e.g. 0/4)") from None
-    if n < 1 or not 0 <= i < n:
-        raise TokenizeError(f"shard {text!r}: need 0 <= I < N")
-    return i, n
+        return runs.parse_shard(text)
+    except ValueError as e:
+        raise TokenizeError(str(e)) from None
 
 
 def shard_rows(rows: np.ndarray, i: int, n: int) -> np.ndarray:
@@ -550,7 +544,7 @@ def tokenize_h5ad(path: Path, out_dir: Path, *, model_name: str, dict_dir: Path,
     spec = GENEFORMER_MODELS[model_name]
     tk = RankValueTokenizer.from_files(dict_dir, input_size=spec["input_size"], special_token=spec["special_token"])
     path = Path(path)
-    data_mod.open_backed(path).file.close()  # clear errors for missing/truncated/non-h5ad files
+    data_mod.open_h5(path).close()  # clear errors for missing/truncated/non-h5ad files, without reading obs/var
     names = read_gene_names(path, counts, gene_names)
     ensembl = map_genes(pd.Series(names), gene_id_type, tk.mapping)
     wanted = ["n_counts", "filter_pass"] + ([label_key] if label_key else [])
