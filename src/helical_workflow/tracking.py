@@ -64,10 +64,7 @@ class StageMetrics:
     @property
     def file_key(self) -> str:
         """``stage`` or ``stage.shard-0000i-of-0000n``: names the metrics file."""
-        if self.shard is None:
-            return self.stage
-        i, n = (int(x) for x in self.shard.split("/"))
-        return f"{self.stage}.shard-{i:05d}-of-{n:05d}"
+        return runs.stage_key(self.stage, self.shard)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +77,7 @@ class StageMetrics:
         try:
             pushadd_to_gateway(
                 gateway, job=job, registry=self.registry,
-                grouping_key={"experiment": self.experiment, "stage": self.stage, "shard": self.file_key or "all"},
+                grouping_key={"experiment": self.experiment, "stage": self.stage, "shard": self.file_key},
                 timeout=10,
             )
             return True
@@ -179,28 +176,27 @@ def ensure_mlflow_run(params: "Params", run_dir: Path) -> str:
         return run.info.run_id
 
 
-def log_metrics(params: "Params", run_dir: Path, metrics: Mapping[str, float], step: int | None = None) -> None:
+def _log_points(params: "Params", run_dir: Path, points: list[tuple[str, float, int]]) -> None:
+    """(key, value, step) triples to the run's MLflow run, in batches."""
     from mlflow.entities import Metric
 
     run_id = ensure_mlflow_run(params, run_dir)
     ts = int(time.time() * 1000)
-    items = [Metric(k.replace("/", "."), float(v), ts, step or 0) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    items = [Metric(k.replace("/", "."), float(v), ts, int(step)) for k, v, step in points]
     client = _client(params)
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def log_metrics(params: "Params", run_dir: Path, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """The numeric values of ``metrics`` at one step."""
+    _log_points(params, run_dir, [(k, v, step or 0) for k, v in metrics.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)])
 
 
 def log_metrics_series(params: "Params", run_dir: Path, key: str, points: list[tuple[int, float]]) -> None:
     """One metric at several steps (e.g. the training loss per optimizer step)."""
-    from mlflow.entities import Metric
-
-    run_id = ensure_mlflow_run(params, run_dir)
-    ts = int(time.time() * 1000)
-    items = [Metric(key, float(v), ts, int(step)) for step, v in points]
-    client = _client(params)
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i : i + 500])
+    _log_points(params, run_dir, [(key, v, step) for step, v in points])
 
 
 def log_artifacts(params: "Params", run_dir: Path, path: Path, artifact_path: str | None = None) -> None:

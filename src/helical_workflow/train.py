@@ -302,8 +302,7 @@ def train_loop(setup: TrainSetup, model, store: TokenStore, train_idx: np.ndarra
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[torch.device(dev).index] if dev.startswith("cuda") else None)
     trainable = [q for q in net.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=ft.learning_rate, weight_decay=ft.weight_decay)
-    n_batches = len(make_batches(store.lengths, train_idx, setup.batch_size, seed=p.model.seed, epoch=0,
-                                 shuffle=ft.shuffle, group_by_length=ft.group_by_length)) // setup.world
+    n_batches = math.ceil(len(train_idx) / setup.batch_size) // setup.world  # what make_batches gives a rank
     steps_per_epoch = math.ceil(n_batches / ft.gradient_accumulation)
     total_steps = max(1, steps_per_epoch * ft.epochs)
     scheduler = get_scheduler(ft.scheduler, optimizer=optimizer, num_warmup_steps=int(ft.warmup_ratio * total_steps),
@@ -315,7 +314,7 @@ def train_loop(setup: TrainSetup, model, store: TokenStore, train_idx: np.ndarra
         weights = torch.tensor(len(train_idx) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=dev)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
 
-    state = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "steps": [], "best_f1": -1.0,
+    state = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "steps": [], "steps_logged": 0, "best_f1": -1.0,
              "best_epoch": None, "bad_epochs": 0, "stopped_early": False}
     if last.exists():
         ck = torch.load(last, map_location=dev, weights_only=False)
@@ -419,12 +418,14 @@ def train_loop(setup: TrainSetup, model, store: TokenStore, train_idx: np.ndarra
 
 
 def _log_epoch(params: "Params", run_dir: Path, record: dict[str, Any], state: dict[str, Any]) -> None:
+    """The epoch's record, and the step losses not yet logged (each step goes to MLflow once)."""
     try:
         tracking.log_metrics(params, run_dir, {f"fine_tune.{k}": v for k, v in record.items() if k != "epoch"},
                              step=record["epoch"])
-        if state["steps"]:
-            tracking.log_metrics_series(params, run_dir, "fine_tune.step_loss",
-                                        [(s["step"], s["loss"]) for s in state["steps"][-200:]])
+        new = state["steps"][state.get("steps_logged", 0):]
+        if new:
+            tracking.log_metrics_series(params, run_dir, "fine_tune.step_loss", [(s["step"], s["loss"]) for s in new])
+        state["steps_logged"] = len(state["steps"])
     except Exception as e:  # tracking must not stop training
         log.warning("MLflow logging failed: %s", e)
 
