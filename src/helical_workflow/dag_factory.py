@@ -119,7 +119,7 @@ def _explain_docker_error(e: Exception, image: str, url: str | None) -> str:
     return f"container run failed: {text}"
 
 
-def _docker_task(params: Params, path: Path, stage: str, common: dict[str, Any], profile: Any):
+def _docker_task(params: Params, profile: Any) -> tuple[type, dict[str, Any], str]:
     from docker.types import DeviceRequest, Mount
 
     # host paths as the Docker engine sees them (they differ when Airflow itself runs in a container)
@@ -138,18 +138,16 @@ def _docker_task(params: Params, path: Path, stage: str, common: dict[str, Any],
     requests = [DeviceRequest(count=profile.gpus, capabilities=[["gpu"]])] if profile.gpus else None
     name = ("hw-{{ dag.dag_id }}-{{ task.task_id }}-{{ ti.map_index }}-{{ run_id | replace(':', '') | replace('+', '') "
             "| replace('.', '') }}-{{ ti.try_number }}").replace(" ", "")
-    kw = dict(common)
-    shard = kw.pop("shard", None)
-    return DockerStageOperator(
-        image=kernel_image(), command=_stage_command(path, stage, shard), container_name=name,
+    return DockerStageOperator, dict(
+        image=kernel_image(), container_name=name,
         docker_url=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"), mounts=mounts,
         environment=env, mem_limit=_memory_bytes(profile.memory), cpus=float(profile.cpus),
         device_requests=requests, auto_remove="force", mount_tmp_dir=False,
-        user=os.environ.get("HELICAL_CONTAINER_USER", "1000"), **kw,
-    )
+        user=os.environ.get("HELICAL_CONTAINER_USER", "1000"),
+    ), "command"
 
 
-def _k8s_task(params: Params, path: Path, stage: str, common: dict[str, Any], profile: Any):
+def _k8s_task(params: Params, profile: Any) -> tuple[type, dict[str, Any], str]:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
@@ -165,11 +163,8 @@ def _k8s_task(params: Params, path: Path, stage: str, common: dict[str, Any], pr
     ]
     mounts = [k8s.V1VolumeMount(name="data", mount_path=f"{IN_IMAGE_ROOT}/data", read_only=True),
               k8s.V1VolumeMount(name="outputs", mount_path=f"{IN_IMAGE_ROOT}/outputs")]
-    kw = dict(common)
-    shard = kw.pop("shard", None)
-    return KubernetesPodOperator(
-        image=kernel_image(), cmds=["python", "/usr/local/bin/helical-kernel"],
-        arguments=_stage_command(path, stage, shard), name=f"hw-{stage}",
+    return KubernetesPodOperator, dict(
+        image=kernel_image(), cmds=["python", "/usr/local/bin/helical-kernel"], name="hw-stage",
         namespace=os.environ.get("HELICAL_K8S_NAMESPACE", "default"),
         container_resources=k8s.V1ResourceRequirements(limits=limits, requests=dict(limits)),
         node_selector=dict(profile.node_selector) or None,
@@ -177,24 +172,23 @@ def _k8s_task(params: Params, path: Path, stage: str, common: dict[str, Any], pr
         volumes=volumes, volume_mounts=mounts,
         env_vars={"HELICAL_WORKFLOW_OUTPUTS": f"{IN_IMAGE_ROOT}/outputs"},
         security_context=k8s.V1PodSecurityContext(run_as_user=1000, run_as_non_root=True),
-        on_finish_action="delete_pod", get_logs=True, **kw,
-    )
+        on_finish_action="delete_pod", get_logs=True,
+    ), "arguments"
 
 
 def make_task(params: Params | None, path: Path, stage: str, common: dict[str, Any], shards: list[str] | None):
     """The task (or mapped tasks, one per shard) for a stage, by the launcher of its resource profile."""
     profile = params.profile_for(stage) if params else None
     launcher = profile.launcher if profile else "local"
-    if launcher == "local":
-        if shards:
-            return StageOperator.partial(params_path=str(path), stage=stage, **common).expand(shard=shards)
-        return StageOperator(params_path=str(path), stage=stage, **common)
-    build = _docker_task if launcher == "docker" else _k8s_task
-    if shards:
-        tasks = [build(params, path, stage, {**common, "task_id": f"{stage}_{i}", "shard": s}, profile)
-                 for i, s in enumerate(shards)]
-        return tasks
-    return build(params, path, stage, common, profile)
+    if launcher == "local":  # papermill here; the shard goes to the notebook's parameters
+        cls, kw, field = StageOperator, {"params_path": str(path), "stage": stage}, "shard"
+        per_shard = list(shards or [None])
+    else:  # the kernel image's entry point; the shard goes on its command line
+        cls, kw, field = (_docker_task if launcher == "docker" else _k8s_task)(params, profile)
+        per_shard = [_stage_command(path, stage, s) for s in (shards or [None])]
+    if shards:  # dynamic task mapping: one task instance per row shard, whatever the launcher
+        return cls.partial(**kw, **common).expand(**{field: per_shard})
+    return cls(**kw, **common, **{field: per_shard[0]})
 
 
 def _dag_section(path: Path) -> tuple[dict[str, Any] | None, bool]:
