@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -443,13 +442,17 @@ class TokenizeResult:
         return self.cells / self.seconds if self.seconds > 0 else float("nan")
 
     def length_summary(self) -> dict[str, float]:
-        h = self.lengths_hist
-        if h.sum() == 0:
-            return {}
-        lens = np.arange(len(h))
-        cdf = np.cumsum(h)
-        return {"min": int(lens[h > 0][0]), "median": int(lens[np.searchsorted(cdf, cdf[-1] / 2)]),
-                "max": int(lens[h > 0][-1]), "mean": float((h * lens).sum() / h.sum())}
+        return length_summary(self.lengths_hist)
+
+
+def length_summary(hist: np.ndarray) -> dict[str, float]:
+    """min / median / max / mean token count from a histogram of lengths."""
+    if hist.sum() == 0:
+        return {}
+    lens = np.arange(len(hist))
+    cdf = np.cumsum(hist)
+    return {"min": int(lens[hist > 0][0]), "median": int(lens[np.searchsorted(cdf, cdf[-1] / 2)]),
+            "max": int(lens[hist > 0][-1]), "mean": float((hist * lens).sum() / hist.sum())}
 
 
 def tokenize_rows(path: Path, out_dir: Path, tokenizer: RankValueTokenizer, *, counts: str, ensembl_ids: Sequence,
@@ -469,31 +472,23 @@ def tokenize_rows(path: Path, out_dir: Path, tokenizer: RankValueTokenizer, *, c
     extra = {k: _arrow_type(v) for k, v in columns.items()}
     features = _features(extra)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers, -(-len(rows) // max(chunk_size, 1))))  # no more workers than chunks
     bounds = np.linspace(0, len(rows), workers + 1).round().astype(int)
-    jobs = [
-        TokenizeJob(path=str(path), counts=counts, rows=rows[bounds[k]:bounds[k + 1]], plan=plan, tokenizer=tokenizer,
-                    columns={c: np.asarray(v)[bounds[k]:bounds[k + 1]] for c, v in columns.items()},
-                    n_counts=None if n_counts is None else np.asarray(n_counts)[bounds[k]:bounds[k + 1]],
-                    out_file=str(tmp / f"part-{k:05d}.arrow"), features=features, chunk_size=chunk_size)
-        for k in range(workers)
-    ]
-    try:
+    with runs.stage_output(out_dir.parent, out_dir.name) as tmp:  # renamed into place only when complete
+        jobs = [
+            TokenizeJob(path=str(path), counts=counts, rows=rows[bounds[k]:bounds[k + 1]], plan=plan,
+                        tokenizer=tokenizer, columns={c: np.asarray(v)[bounds[k]:bounds[k + 1]] for c, v in columns.items()},
+                        n_counts=None if n_counts is None else np.asarray(n_counts)[bounds[k]:bounds[k + 1]],
+                        out_file=str(tmp / f"part-{k:05d}.arrow"), features=features, chunk_size=chunk_size)
+            for k in range(workers)
+        ]
         if len(jobs) == 1:
             results = [_run_job(jobs[0])]
         else:
             with ProcessPoolExecutor(len(jobs), mp_context=get_context("fork")) as ex:
                 results = list(ex.map(_run_job, jobs))
         write_dataset_dir(tmp, [Path(j.out_file) for j in jobs], features)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
     hist = sum(r["lengths_hist"] for r in results)
     return TokenizeResult(out_dir=out_dir, cells=sum(r["cells"] for r in results),
                           dropped_zero_count=sum(r["dropped_zero_count"] for r in results),
@@ -608,11 +603,8 @@ def tokenize_stage(params: "Params", run_dir: Path, shard: str | None = None) ->
     t0 = time.perf_counter()
     if params.tokenize.implementation == "helical":
         ds = _tokenize_with_helical(params, keep, ensembl, label_ids)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        ds.save_to_disk(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        with runs.stage_output(out_root, target.name) as tmp:
+            ds.save_to_disk(str(tmp))
         lengths = np.asarray(ds["length"])
         cells, dropped = len(ds), 0
         hist = np.bincount(lengths, minlength=spec["input_size"] + 1)
@@ -636,7 +628,6 @@ def tokenize_stage(params: "Params", run_dir: Path, shard: str | None = None) ->
                             chunk_size=params.tokenize.chunk_size, dataset_label=params.data_path.name)
         cells, dropped, hist = res.cells, res.dropped_zero_count, res.lengths_hist
     elapsed = time.perf_counter() - t0
-    lens = np.arange(len(hist))
     summary = {
         "implementation": params.tokenize.implementation,
         "model": params.model.name,
@@ -645,8 +636,7 @@ def tokenize_stage(params: "Params", run_dir: Path, shard: str | None = None) ->
         "dropped_zero_count_cells": int(dropped),
         "seconds": elapsed,
         "cells_per_second": cells / elapsed if elapsed > 0 else None,
-        "length": {"min": int(lens[hist > 0][0]), "median": int(lens[np.searchsorted(np.cumsum(hist), hist.sum() / 2)]),
-                   "max": int(lens[hist > 0][-1]), "mean": float((hist * lens).sum() / hist.sum())} if hist.sum() else {},
+        "length": length_summary(hist),
         "gene_coverage": cov,
         "labels": label_ids,
     }
