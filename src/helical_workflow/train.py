@@ -444,7 +444,7 @@ def _prepare(params: "Params", run_dir: Path):
     return store, labels, train_idx, val_idx
 
 
-def _ddp_worker(rank: int, world: int, params_path: str, run_dir: str, port: int, result_file: str) -> None:
+def _ddp_worker(rank: int, world: int, params_path: str, run_dir: str, port: int) -> None:
     import torch
     import torch.distributed as dist
 
@@ -460,9 +460,7 @@ def _ddp_worker(rank: int, world: int, params_path: str, run_dir: str, port: int
         if cuda:
             torch.cuda.set_device(rank)
         torch.set_num_threads(max(1, int(profile.cpus) // world))
-        out = _train_here(params, Path(run_dir), device=dev, rank=rank, world=world)
-        if rank == 0:
-            Path(result_file).write_text(json.dumps(out, default=float))
+        _train_here(params, Path(run_dir), device=dev, rank=rank, world=world)  # rank 0 writes model/
     finally:
         dist.destroy_process_group()
 
@@ -504,17 +502,13 @@ def fine_tune_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(max(1, int(profile.cpus)))
-        out = _train_here(params, run_dir, device=device)
+        _train_here(params, run_dir, device=device)
     else:
-        import tempfile
-
         import torch.multiprocessing as tmp_mp
 
-        result = Path(tempfile.mkdtemp()) / "result.json"
         method = "spawn" if profile.device == "cuda" else "fork"
-        tmp_mp.start_processes(_ddp_worker, args=(world, params.source_path, str(run_dir), _free_port(), str(result)),
+        tmp_mp.start_processes(_ddp_worker, args=(world, params.source_path, str(run_dir), _free_port()),
                                nprocs=world, join=True, start_method=method)
-        out = json.loads(result.read_text())
     seconds = time.perf_counter() - t0
     info = json.loads((run_dir / OUTPUT / "model_info.json").read_text())
     tracking.log_artifacts(params, run_dir, run_dir / OUTPUT, "model")
@@ -541,13 +535,23 @@ def _save_model(params: "Params", run_dir: Path, model, labels: dict[str, int], 
     }
     if "peak_gpu_memory_bytes" in last:
         summary["peak_gpu_memory_bytes"] = max(h.get("peak_gpu_memory_bytes", 0) for h in hist)
+    _write_model_dir(params, run_dir, model, labels, summary, history={"epochs": hist, "steps": out["steps"]})
+
+
+def _write_model_dir(params: "Params", run_dir: Path, model, labels: dict[str, int], summary: dict[str, Any],
+                     history: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``model/``: weights, label mapping, model_info.json (and the training history), written atomically."""
+    import torch
+
+    info = {"model_name": params.model.name, "n_classes": len(labels), "source": params.model.source,
+            "base_model_dir": str(model_mod.model_paths(params)["model_files_dir"]), **summary}
     with runs.stage_output(run_dir, OUTPUT) as d:
         torch.save(model.state_dict(), d / WEIGHTS)
         (d / "labels.json").write_text(json.dumps(labels, indent=2))
-        (d / "history.json").write_text(json.dumps({"epochs": hist, "steps": out["steps"]}, indent=2))
-        info = {"model_name": params.model.name, "n_classes": len(labels), "source": params.model.source,
-                "base_model_dir": str(model_mod.model_paths(params)["model_files_dir"]), **summary}
+        if history is not None:
+            (d / "history.json").write_text(json.dumps(history, indent=2))
         (d / "model_info.json").write_text(json.dumps(info, indent=2))
+    return info
 
 
 def _fine_tune_with_helical(params: "Params", run_dir: Path) -> dict[str, Any]:
@@ -577,12 +581,7 @@ def _fine_tune_with_helical(params: "Params", run_dir: Path) -> dict[str, Any]:
     if len(val_ds):
         logits = model.get_outputs(val_ds, silent=True)
         summary["validation"] = macro_scores(np.asarray(val_ds["label_id"]), logits.argmax(1))
-    with runs.stage_output(run_dir, OUTPUT) as tmp:
-        torch.save(model.state_dict(), tmp / WEIGHTS)
-        (tmp / "labels.json").write_text(json.dumps(labels, indent=2))
-        info = {"model_name": params.model.name, "n_classes": len(labels), "source": params.model.source,
-                "base_model_dir": str(model_mod.model_paths(params)["model_files_dir"]), **summary}
-        (tmp / "model_info.json").write_text(json.dumps(info, indent=2))
+    info = _write_model_dir(params, run_dir, model, labels, summary)
     tracking.log_artifacts(params, run_dir, run_dir / OUTPUT, "model")
     return info
 
