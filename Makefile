@@ -34,7 +34,7 @@ $(UV):
 # Kernel environment: helical, torch, scanpy, mlflow, papermill, jupyterlab + this library.
 $(VENV)/kernel/.ok: requirements/kernel.lock pyproject.toml | $(UV)
 	$(UV) venv -q --allow-existing -p $(PYTHON) $(VENV)/kernel
-	$(UV) pip sync -q -p $(KPY) requirements/kernel.lock
+	$(UV) pip sync -q --compile-bytecode -p $(KPY) requirements/kernel.lock
 	$(UV) pip install -q -p $(KPY) --no-deps -e .
 	$(KPY) -m ipykernel install --prefix $(VENV)/jupyter --name helical-workflow --display-name helical-workflow >/dev/null
 	touch $@
@@ -42,7 +42,7 @@ $(VENV)/kernel/.ok: requirements/kernel.lock pyproject.toml | $(UV)
 # Orchestration environment: Airflow 3 + providers + this library (light modules only).
 $(VENV)/airflow/.ok: requirements/airflow.lock pyproject.toml | $(UV)
 	$(UV) venv -q --allow-existing -p $(PYTHON) $(VENV)/airflow
-	$(UV) pip sync -q -p $(APY) requirements/airflow.lock
+	$(UV) pip sync -q --compile-bytecode -p $(APY) requirements/airflow.lock
 	$(UV) pip install -q -p $(APY) --no-deps -e .
 	touch $@
 

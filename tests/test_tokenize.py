@@ -37,10 +37,15 @@ def make_dicts(tmp: Path, n_genes: int, *, special: bool, seed: int, tie_medians
 
 def make_h5ad(path: Path, *, n_cells: int, n_genes: int, seed: int, dense: bool = False, n_counts: bool = False,
               filter_pass: bool = False, duplicates: bool = False, unmapped: int = 5, dtype=np.float32,
-              zero_cells: int = 0, lognorm: bool = False) -> anndata.AnnData:
+              zero_cells: int = 0, lognorm: bool = False, unsorted: bool = False) -> anndata.AnnData:
     rng = np.random.default_rng(seed)
     X = sp.random(n_cells, n_genes, density=0.3, format="csr", random_state=seed,
                   data_rvs=lambda k: rng.integers(1, 6, k)).astype(dtype)
+    if unsorted:  # same matrix, column indices stored in reverse within each row
+        X = sp.csr_matrix((np.concatenate([X.data[X.indptr[r]:X.indptr[r + 1]][::-1] for r in range(n_cells)]),
+                           np.concatenate([X.indices[X.indptr[r]:X.indptr[r + 1]][::-1] for r in range(n_cells)]),
+                           X.indptr), shape=X.shape)
+        assert not X.has_sorted_indices
     if lognorm:  # like pbmc68k_reduced's expm1(raw.X): per-10k normalised, non-integer values
         tot = np.asarray(X.sum(axis=1)).ravel()
         X = sp.csr_matrix(sp.diags(1e4 / tot) @ X)
@@ -92,12 +97,20 @@ CASES = [
     ("lognorm-values", dict(n_cells=300, n_genes=400, seed=8, lognorm=True), False, 2048),
     ("lognorm-ncounts-v2", dict(n_cells=300, n_genes=400, seed=9, lognorm=True, n_counts=True), True, 4096),
     ("dense-lognorm", dict(n_cells=120, n_genes=300, seed=10, lognorm=True, dense=True), False, 2048),
+    # distinct gene medians (as in Geneformer's dictionaries): most cells have no tied values
+    ("distinct-medians", dict(n_cells=300, n_genes=400, seed=12, medians="distinct"), False, 2048),
+    ("distinct-medians-v2-truncated", dict(n_cells=200, n_genes=500, seed=13, medians="distinct"), True, 100),
+    ("distinct-medians-filter-ncounts", dict(n_cells=300, n_genes=300, seed=14, medians="distinct", filter_pass=True,
+                                             n_counts=True, dtype=np.float64), False, 2048),
+    ("unsorted-indices", dict(n_cells=150, n_genes=200, seed=15, unsorted=True), False, 2048),
 ]
 
 
 @pytest.mark.parametrize("name,kw,special,input_size", CASES, ids=[c[0] for c in CASES])
 def test_tokens_identical_to_helical(tmp_path, name, kw, special, input_size):
-    d = make_dicts(tmp_path, kw["n_genes"], special=special, seed=kw["seed"])
+    kw = dict(kw)
+    d = make_dicts(tmp_path, kw["n_genes"], special=special, seed=kw["seed"],
+                   tie_medians=kw.pop("medians", "tied") == "tied")
     h5 = tmp_path / "x.h5ad"
     ad = make_h5ad(h5, **kw)
     ref_ids, ref_len, ref_lab = helical_tokens(ad, d, input_size=input_size, special=special)
@@ -224,3 +237,87 @@ def test_stage_streaming_shards_equal_helical_reference_on_demo_data(tmp_path, m
         results[impl] = {c: (list(ids), lab, s) for c, ids, lab, s in zip(ds["cell_id"], ds["input_ids"], ds["label_id"], ds["split"])}
     assert len(results["streaming"]) == 700
     assert results["streaming"] == results["helical"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_compiled_path_equals_general_path(tmp_path, dtype):
+    """encode_csr (sort keys, argsort for tied cells) == encode_block, on cells with and without ties."""
+    n_genes, n_cells = 600, 400
+    d = make_dicts(tmp_path, n_genes, special=True, seed=1, tie_medians=False)
+    tk = tok.RankValueTokenizer.from_files(d, input_size=64, special_token=True)
+    rng = np.random.default_rng(1)
+    X = sp.random(n_cells, n_genes, density=0.2, format="csr", random_state=1,
+                  data_rvs=lambda k: rng.integers(1, 9, k)).astype(dtype)
+    ids = [f"ENSG{i:011d}" for i in range(n_genes)]
+    tk.median_dict.update({g: 2.5 for g in ids[20:30]})  # a few genes share a median: some cells tie
+    ids[10] = "NOTAGENE"
+    plan = tk.plan(ids)
+    shared = X[:, 20:30].tocsr()  # a cell where two of these genes have the same count has tied values
+    tied_cells = sum(len(np.unique(shared[r].data)) < shared[r].nnz for r in range(n_cells))
+    assert 0.02 * n_cells < tied_cells < 0.5 * n_cells, tied_cells
+    for rows in (slice(0, 400), slice(0, 40), slice(100, 300)):  # tie-light and ties decided per block
+        block = X[rows]
+        for selected in (None, rng.random(block.shape[0]) > 0.3):
+            for n_counts in (None, rng.uniform(10, 500, block.shape[0])):
+                sub = block if selected is None else block[selected]
+                nc_sub = None if n_counts is None else n_counts if selected is None else n_counts[selected]
+                want = tk.encode_block(sub, plan, nc_sub)
+                got = tk.encode_csr(block.indptr.astype(np.int64), block.indices, block.data, plan, n_genes,
+                                    n_counts, selected)
+                for w, g in zip(want, got):
+                    np.testing.assert_array_equal(w, g)
+    # a median dictionary with many repeated values: most cells tie, argsort ranks them
+    tk.median_dict.update({g: 1.0 for g in ids[::2]})
+    plan = tk.plan(ids)
+    want = tk.encode_block(X, plan)
+    got = tk.encode_csr(X.indptr.astype(np.int64), X.indices, X.data, plan, n_genes)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+
+
+@pytest.mark.parametrize("layout", ["chunked", "contiguous", "gzip"])
+def test_counts_reader_raw_rows(tmp_path, layout):
+    """CSR row ranges read straight from the file equal anndata's, whatever the storage layout."""
+    from helical_workflow import data
+
+    X = sp.random(500, 300, density=0.1, format="csr", random_state=0, dtype=np.float32)
+    ad = anndata.AnnData(X=X)
+    kw = {"compression": "gzip"} if layout == "gzip" else {}
+    ad.write_h5ad(tmp_path / "x.h5ad", **kw)
+    if layout == "contiguous":
+        import h5py
+
+        with h5py.File(tmp_path / "x.h5ad", "a") as f:
+            for name in ("data", "indices"):
+                values = f["X"][name][:]
+                del f["X"][name]
+                f["X"].create_dataset(name, data=values)  # not chunked
+            assert f["X"]["data"].chunks is None
+    with data.CountsReader(tmp_path / "x.h5ad", "X") as r:
+        work: dict = {}
+        for lo, hi in ((0, 500), (17, 18), (100, 433), (499, 500)):
+            indptr, indices, values = r.csr_arrays(lo, hi, work)
+            ref = X[lo:hi]
+            np.testing.assert_array_equal(indptr, ref.indptr)
+            np.testing.assert_array_equal(indices, ref.indices)
+            np.testing.assert_array_equal(values, ref.data)
+        assert (r._raw["data"] is None) == (layout == "gzip")  # compressed data goes through HDF5
+
+
+def test_obs_columns_read_by_row_range(tmp_path):
+    from helical_workflow import data
+
+    obs = pd.DataFrame({
+        "cat": pd.Categorical(["a", None, "b", "a", "c"]),
+        "num": np.arange(5) * 1.5,
+        "text": ["x", "y", "z", "w", "v"],
+        "nullable": pd.array([1, None, 3, 4, 5], dtype="Int64"),
+    }, index=[f"c{i}" for i in range(5)])
+    anndata.AnnData(X=sp.csr_matrix((5, 2), dtype=np.float32), obs=obs).write_h5ad(tmp_path / "o.h5ad")
+    with data.ObsColumns(tmp_path / "o.h5ad", [data.ObsColumns.NAMES, "cat", "num", "text", "nullable"]) as o:
+        assert o.n_obs == 5
+        assert list(o.read(data.ObsColumns.NAMES, 1, 4)) == ["c1", "c2", "c3"]
+        assert [str(v) for v in o.read("cat", 0, 3)] == ["a", "nan", "b"]
+        assert list(o.read("num", 2, 5)) == [3.0, 4.5, 6.0]
+        assert list(o.read("text", 3, 5)) == ["w", "v"]
+        assert [str(v) for v in o.read("nullable", 0, 3)] == ["1", "nan", "3"]

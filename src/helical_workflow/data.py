@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,67 @@ def _matrix_key(source: str) -> str:
     return "layers/" + source.removeprefix("layer:")
 
 
+class _RawLayout:
+    """Where an uncompressed 1-d HDF5 dataset's elements lie in the file, so that element
+    ranges are read with ``pread`` straight into a buffer: HDF5's per-chunk bookkeeping
+    costs more than the copy for the small chunks anndata writes. Only for layouts that
+    can be read this way (no filters, native byte order, every chunk allocated, no user
+    block); anything else returns None from :meth:`of` and is read through h5py."""
+
+    def __init__(self, fd: int, chunk: int, offsets: np.ndarray, itemsize: int):
+        self.fd, self.chunk, self.offsets, self.itemsize = fd, chunk, offsets, itemsize
+
+    @classmethod
+    def of(cls, f, ds) -> "_RawLayout | None":
+        try:
+            if (ds.ndim != 1 or ds.dtype.newbyteorder("=") != ds.dtype or ds.id.get_create_plist().get_nfilters()
+                    or f.id.get_create_plist().get_userblock() or f.driver != "sec2" or len(ds) == 0):
+                return None
+            if ds.chunks is None:
+                off = ds.id.get_offset()
+                chunk, offsets = len(ds), np.array([-1 if off is None else off], dtype=np.int64)
+            else:
+                chunk = ds.chunks[0]
+                offsets = np.full(-(-len(ds) // chunk), -1, dtype=np.int64)
+
+                def note(info):
+                    offsets[info.chunk_offset[0] // chunk] = info.byte_offset
+
+                ds.id.chunk_iter(note)
+            if (offsets < 0).any():
+                return None
+            raw = cls(os.open(f.filename, os.O_RDONLY), chunk, offsets, ds.dtype.itemsize)
+            n = min(len(ds), 4096)  # same values as HDF5 gives, or not used at all
+            probe = np.empty(n, ds.dtype)
+            raw.read(len(ds) - n, len(ds), probe)
+            if not np.array_equal(probe, ds[len(ds) - n :], equal_nan=probe.dtype.kind == "f"):
+                os.close(raw.fd)
+                return None
+            return raw
+        except (AttributeError, OSError, RuntimeError, ValueError, TypeError):
+            return None
+
+    def read(self, a: int, b: int, out: np.ndarray) -> None:
+        """Elements [a, b) into out[: b - a]."""
+        mv = memoryview(out.view(np.uint8))
+        c, isz = self.chunk, self.itemsize
+        for k in range(a // c, (b - 1) // c + 1):
+            s, e = max(a, k * c), min(b, (k + 1) * c)
+            want = (e - s) * isz
+            got = os.preadv(self.fd, [mv[(s - a) * isz : (e - a) * isz]], int(self.offsets[k]) + (s - k * c) * isz)
+            if got != want:
+                raise OSError(f"short read of {self.fd}: {got} of {want} bytes")
+
+
+def reusable_buffer(work: dict[str, np.ndarray], name: str, n: int, dtype) -> np.ndarray:
+    """A view of n items of an array kept in ``work`` under ``name``, grown (by at least
+    25 %) only when too small: streaming loops reuse memory instead of allocating per chunk."""
+    buf = work.get(name)
+    if buf is None or len(buf) < n or buf.dtype != dtype:
+        buf = work[name] = np.empty(max(n, int(1.25 * len(buf)) if buf is not None else n), dtype=dtype)
+    return buf[:n]
+
+
 class CountsReader:
     """Row-range reader over one count matrix of an .h5ad file, without loading it whole."""
 
@@ -108,6 +170,7 @@ class CountsReader:
             self._f.close()
             raise DatasetError(f"{path}: '{source}' has unsupported encoding {enc!r}. Fix: store counts as CSR or dense.")
         self.sparse = enc == "csr_matrix"
+        self._node = node
         self.shape = tuple(int(x) for x in self._m.shape)
         self.dtype = self._m.dtype
 
@@ -122,12 +185,44 @@ class CountsReader:
             return block.tocsr()
         return np.asarray(block) if dense_ok else sp.csr_matrix(np.asarray(block))
 
+    def csr_arrays(self, start: int, stop: int, buffers: dict[str, np.ndarray] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [start, stop) of a CSR matrix as raw (indptr from 0, indices, data), read
+        straight from the HDF5 datasets. With ``buffers`` (a dict kept between calls) the
+        arrays are read into reused memory: valid until the next call."""
+        g = self._node
+        indptr = g["indptr"][start : stop + 1].astype(np.int64)
+        a, b = int(indptr[0]), int(indptr[-1])
+        indptr -= a
+        out = []
+        for name in ("indices", "data"):
+            ds = g[name]
+            buf = reusable_buffer({} if buffers is None else buffers, name, b - a, ds.dtype)
+            if b > a:
+                raw = self._raw_layout(name, ds)
+                if raw is not None:
+                    raw.read(a, b, buf)
+                else:
+                    ds.read_direct(buf, np.s_[a:b], np.s_[0 : b - a])
+            out.append(buf)
+        return indptr, out[0], out[1]
+
+    def _raw_layout(self, name: str, ds) -> "_RawLayout | None":
+        if not hasattr(self, "_raw"):
+            self._raw: dict[str, _RawLayout | None] = {}
+        if name not in self._raw:
+            self._raw[name] = _RawLayout.of(self._f, ds)
+        return self._raw[name]
+
     def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
         stop = self.n_obs if stop is None else stop
         for s in range(start, stop, chunk_size):
             yield s, self.rows(s, min(s + chunk_size, stop))
 
     def close(self) -> None:
+        for raw in getattr(self, "_raw", {}).values():
+            if raw is not None:
+                os.close(raw.fd)
         self._f.close()
 
     def __enter__(self) -> "CountsReader":
@@ -135,6 +230,80 @@ class CountsReader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def obs_keys(path: Path) -> list[str]:
+    """The obs column names stored in an .h5ad (not the index)."""
+    with open_h5(path) as f:
+        return [k for k in f["obs"].keys() if not k.startswith("_")]
+
+
+class ObsColumns:
+    """Columns of ``obs`` (and ``obs_names``, as :attr:`NAMES`) read by row ranges straight from
+    the file: a streaming pass holds one chunk of them, never the whole table."""
+
+    NAMES = "obs_names"
+
+    def __init__(self, path: Path, names: list[str]):
+        import h5py
+        from anndata.io import read_elem
+
+        self._f = open_h5(path)
+        obs = self._f["obs"]
+        index = obs.attrs.get("_index", "_index")
+        index = index.decode() if isinstance(index, bytes) else index
+        self._read: dict[str, Any] = {}
+        for name in names:
+            node = obs[index if name == self.NAMES else name]
+            enc = node.attrs.get("encoding-type", "array")
+            enc = enc.decode() if isinstance(enc, bytes) else enc
+            if enc == "categorical":
+                self._read[name] = _categorical_reader(np.asarray(read_elem(node["categories"])), node["codes"])
+            elif enc == "string-array":
+                self._read[name] = lambda a, b, node=node: node.asstr()[a:b]
+            elif enc in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
+                self._read[name] = _nullable_reader(node["values"], node["mask"])
+            elif isinstance(node, h5py.Dataset) and node.ndim == 1:
+                self._read[name] = lambda a, b, node=node: node[a:b]
+            else:
+                self._f.close()
+                raise DatasetError(f"{path}: obs column {name!r} has encoding {enc!r}, which cannot be read by rows. "
+                                   "Fix: store it as a categorical, string or numeric column.")
+        self.n_obs = int(obs[index].shape[0])
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._read[name](start, stop)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "ObsColumns":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _categorical_reader(categories: np.ndarray, codes):
+    def read(a: int, b: int) -> np.ndarray:
+        c = codes[a:b]
+        if (c >= 0).all():
+            return categories[c]
+        out = categories.astype(object)[c]
+        out[c < 0] = np.nan  # as pandas shows a missing category
+        return out
+    return read
+
+
+def _nullable_reader(values, mask):
+    def read(a: int, b: int) -> np.ndarray:
+        v, m = values[a:b], mask[a:b].astype(bool)
+        if not m.any():
+            return v
+        out = v.astype(object)
+        out[m] = np.nan
+        return out
+    return read
 
 
 def gene_table(adata, params: "Params") -> pd.DataFrame:

@@ -42,7 +42,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -249,6 +249,86 @@ class RankValueTokenizer:
         sel = sp.csr_matrix(norm)  # drops exact zeros, as helical's csr_matrix(X_norm)
         return self._rank_rows(sel.data, sel.indices, sel.indptr, keep_cell, plan.tokens)
 
+    def encode_csr(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, plan: GenePlan, n_genes: int,
+                   n_counts: np.ndarray | None = None, selected: np.ndarray | None = None,
+                   work: dict[str, np.ndarray] | None = None):
+        """The compiled fast path of :meth:`encode_block` for raw CSR arrays (rows over all ``n_genes``).
+
+        Same tokens as ``encode_block``: keys sort the cells whose values are distinct, and
+        ``np.argsort`` ranks the cells with ties (see ``_rank_kernel``). ``selected`` masks
+        the rows to encode (others are skipped, not counted); ``n_counts`` is aligned with
+        all rows. Returns (flat tokens, offsets, kept-of-selected mask), views of ``work``
+        buffers valid until the next call; or None where only the general path applies
+        (collapse, indices not sorted within rows, dtypes other than float32/float64 work).
+        """
+        from . import _rank_kernel as K
+
+        if plan.groups is not None:
+            return None
+        argsort, tie_heavy = np.argsort, None
+        n_rows = len(indptr) - 1
+        if n_counts is None:  # scipy's csr.sum(axis=1), the same ufunc call on the same values
+            n = np.zeros(n_rows, dtype=_sum_dtype(data.dtype))
+            nz = np.flatnonzero(np.diff(indptr))
+            if len(nz):
+                n[nz] = np.add.reduceat(data, indptr[nz])
+        else:
+            n = np.asarray(n_counts).reshape(-1)
+        with np.errstate(divide="ignore"):
+            recip = np.true_divide(1.0, n)
+        wtype = np.result_type(data.dtype, recip.dtype)
+        if wtype not in (np.float32, np.float64):
+            return None
+        keep = n > 0
+        row_ok = keep if selected is None else keep & selected
+        check = np.ones(n_rows, dtype=bool) if selected is None else selected
+        work = {} if work is None else work
+        x, recip = data.astype(wtype, copy=False), recip.astype(wtype, copy=False)
+        colmap, tsum = plan.column_map(n_genes), wtype.type(TARGET_SUM)
+        limit = self.input_size - 2 if self.special_token else self.input_size
+        special = self.special_token
+        cls_, eos_ = (self.cls, self.eos) if special else (0, 0)
+        n_keep = int(row_ok.sum())
+        flat = data_mod.reusable_buffer(work, "flat", len(data) + 2 * n_keep, np.int32)
+        offsets = np.zeros(n_keep + 1, dtype=np.int64)
+        at = k = 0
+        # sub-blocks of rows small enough that keys, values and tokens stay in cache between passes
+        for r0 in range(0, n_rows, _SUB_ROWS):
+            r1 = min(r0 + _SUB_ROWS, n_rows)
+            ok = row_ok[r0:r1]
+            if not check[r0:r1].any():
+                continue
+            nnz = int(indptr[r1] - indptr[r0])
+            keys, neg, toks, order = (data_mod.reusable_buffer(work, name, nnz, dt) for name, dt in
+                                      (("keys", np.uint64), ("neg", np.float64), ("toks", np.int32), ("order", np.int64)))
+            out_ptr = data_mod.reusable_buffer(work, "out_ptr", r1 - r0 + 1, np.int64)
+            tied = data_mod.reusable_buffer(work, "tied", r1 - r0, np.bool_)
+            status = K.prepare(indptr[r0 : r1 + 1], indices, x, recip[r0:r1], tsum, colmap, plan.recip_medians,
+                               plan.tokens, check[r0:r1], ok, keys, neg, toks, out_ptr, tied)
+            if status == K.UNSORTED:
+                return None
+            if status != K.OK:
+                raise ValueError("negative" if status == K.NEGATIVE else "not finite")
+            rows = np.flatnonzero(ok)
+            if tie_heavy is None and len(rows):  # decided on the first rows: most tied -> argsort every row directly
+                probe = rows[:_PROBE_ROWS]
+                _sort_rows(keys, out_ptr, probe)
+                tie_heavy = 2 * K.find_ties(keys, out_ptr, probe, tied) > len(probe)
+                rows = rows[_PROBE_ROWS:]
+            if tie_heavy:
+                tied[rows] = True
+            elif len(rows):
+                _sort_rows(keys, out_ptr, rows)
+                K.find_ties(keys, out_ptr, rows, tied)
+            bounds = out_ptr.tolist()
+            for r in np.flatnonzero(tied & ok).tolist():
+                s, e = bounds[r], bounds[r + 1]
+                order[s:e] = argsort(neg[s:e])  # neg is helical's -value: same array, same order
+            at = K.emit(keys, order, toks, out_ptr, ok, tied, limit, special, cls_, eos_, flat, offsets, at, k)
+            k += int(ok.sum())
+        kept = keep if selected is None else keep[selected]
+        return flat[:at], offsets, kept
+
     @staticmethod
     def _collapse(block, plan: GenePlan):
         """Sum the columns that map to the same Ensembl id (collapse path)."""
@@ -314,6 +394,26 @@ class RankValueTokenizer:
         return flat[:at], offsets, keep_cell
 
 
+_PROBE_ROWS = 64  # cells per block whose keys are sorted before deciding the block is tie-heavy
+_SUB_ROWS = 64  # cells encoded together by the compiled passes
+
+
+def _sort_rows(keys: np.ndarray, out_ptr: np.ndarray, rows: np.ndarray) -> bool:
+    """Sort each row's keys in place (numpy's SIMD sort). False when there were no rows."""
+    for s, e in zip(out_ptr[rows].tolist(), out_ptr[rows + 1].tolist()):
+        keys[s:e].sort()
+    return len(rows) > 0
+
+
+def _sum_dtype(dtype: np.dtype) -> np.dtype:
+    """scipy's ``get_sum_dtype``: the dtype of ``csr.sum(axis=1)``."""
+    if dtype.kind == "u" and np.can_cast(dtype, np.uint):
+        return np.dtype(np.uint)
+    if np.can_cast(dtype, np.int_):
+        return np.dtype(np.int_)
+    return np.dtype(dtype)
+
+
 def _column_map(cols: np.ndarray, n_genes: int) -> np.ndarray:
     m = np.full(n_genes, -1, dtype=np.int32)
     m[cols] = np.arange(len(cols), dtype=np.int32)
@@ -367,50 +467,96 @@ class TokenizeJob:
     rows: np.ndarray                     # sorted matrix rows to tokenize
     plan: GenePlan
     tokenizer: RankValueTokenizer
-    columns: dict[str, np.ndarray]       # per-row metadata, aligned with ``rows``
-    n_counts: np.ndarray | None          # obs n_counts aligned with ``rows`` (or None)
+    columns: dict[str, np.ndarray | str]  # per-row metadata aligned with ``rows``, or the obs column to read
+    n_counts: np.ndarray | str | None    # obs n_counts aligned with ``rows``, or its obs column, or None
     out_file: str
     features: Any
     chunk_size: int = 2048
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def _run_job(job: TokenizeJob) -> dict[str, Any]:
     import pyarrow as pa
-    from datasets.arrow_writer import ArrowWriter
 
     rows = job.rows
     cells = dropped = 0
     chunk = job.chunk_size
-    writer = ArrowWriter(features=job.features, path=job.out_file)
+    schema = job.features.arrow_schema
+    lazy = sorted({c for c in [*job.columns.values(), job.n_counts] if isinstance(c, str)})
     lengths_hist = np.zeros(job.tokenizer.input_size + 1, dtype=np.int64)
-    try:
-        with data_mod.CountsReader(Path(job.path), job.counts) as reader:
-            if not reader.sparse:  # a dense block is rows x genes: keep it around 128 MB
-                chunk = max(1, min(chunk, (1 << 24) // max(reader.shape[1], 1)))
-            for a in range(0, len(rows), chunk):
-                rsel = rows[a : a + chunk]
-                lo, hi = int(rsel[0]), int(rsel[-1]) + 1
-                block = reader.rows(lo, hi, dense_ok=True)
-                if hi - lo != len(rsel):
-                    block = block[rsel - lo]
-                _check_values(block, job.path, job.counts, lo)
-                nc = None if job.n_counts is None else job.n_counts[a : a + len(rsel)]
-                flat, offsets, kept = job.tokenizer.encode_block(block, job.plan, nc)
-                lengths = np.diff(offsets).astype(np.int32)
-                table = {"input_ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat)),
-                         "length": pa.array(lengths)}
-                for name, col in job.columns.items():
-                    vals = col[a : a + len(rsel)][kept]
-                    table[name] = pa.array(vals.tolist() if vals.dtype == object else vals)
-                writer.write_table(pa.table(table))
-                cells += int(kept.sum())
-                dropped += int((~kept).sum())
-                np.add.at(lengths_hist, lengths, 1)
-        writer.finalize()
-    finally:
-        writer.close()
+    work: dict[str, np.ndarray] = {}  # buffers reused from chunk to chunk
+    with (data_mod.CountsReader(Path(job.path), job.counts) as reader,
+          data_mod.ObsColumns(Path(job.path), lazy) as obs,
+          pa.OSFile(job.out_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer):
+        if not reader.sparse:  # a dense block is rows x genes: keep it around 128 MB
+            chunk = max(1, min(chunk, (1 << 24) // max(reader.shape[1], 1)))
+        for a in range(0, len(rows), chunk):
+            rsel = rows[a : a + chunk]
+            lo, hi = int(rsel[0]), int(rsel[-1]) + 1
+
+            def column(c):
+                if isinstance(c, str):
+                    v = obs.read(c, lo, hi)
+                    return v if hi - lo == len(rsel) else v[rsel - lo]
+                return c[a : a + len(rsel)]
+
+            nc = None if job.n_counts is None else column(job.n_counts)
+            flat, offsets, kept = _encode_rows(job, reader, rsel, nc, work)
+            lengths = np.diff(offsets).astype(np.int32)
+            arrays = [pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat)), pa.array(lengths)]
+            for name, c in job.columns.items():
+                arrays.append(_arrow_column(column(c)[kept], schema.field(name).type))
+            writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+            cells += int(kept.sum())
+            dropped += int((~kept).sum())
+            lengths_hist += np.bincount(lengths, minlength=len(lengths_hist))
     return {"cells": cells, "dropped_zero_count": dropped, "lengths_hist": lengths_hist}
+
+
+def _arrow_column(values: np.ndarray, typ):
+    import pyarrow as pa
+
+    if pa.types.is_string(typ) and values.dtype.kind not in "OU":
+        values = values.astype(str)
+    elif values.dtype == object and not pa.types.is_string(typ):
+        values = values.tolist()
+    return pa.array(values, type=typ)
+
+
+def _encode_rows(job: TokenizeJob, reader: "data_mod.CountsReader", rsel: np.ndarray, nc: np.ndarray | None,
+                 work: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens of the (sorted) rows ``rsel``: the compiled CSR path, else the general one."""
+    lo, hi = int(rsel[0]), int(rsel[-1]) + 1
+    if reader.sparse and job.plan.groups is None:
+        indptr, indices, data = reader.csr_arrays(lo, hi, work)
+        selected = None
+        if hi - lo != len(rsel):  # rows left out (filter_pass) inside the range
+            selected = np.zeros(hi - lo, dtype=bool)
+            selected[rsel - lo] = True
+            if nc is not None:
+                full = np.zeros(hi - lo, dtype=nc.dtype)
+                full[rsel - lo] = nc
+                nc = full
+        try:
+            out = job.tokenizer.encode_csr(indptr, indices, data, job.plan, reader.shape[1], nc, selected, work)
+        except ValueError as e:
+            raise _bad_values(str(e), job.path, job.counts, lo) from None
+        if out is not None:
+            return out
+        if nc is not None and selected is not None:
+            nc = nc[selected]
+    block = reader.rows(lo, hi, dense_ok=True)
+    if hi - lo != len(rsel):
+        block = block[rsel - lo]
+    _check_values(block, job.path, job.counts, lo)
+    return job.tokenizer.encode_block(block, job.plan, nc)
+
+
+def _bad_values(kind: str, path: str, source: str, first_row: int) -> TokenizeError:
+    if kind == "negative":
+        return TokenizeError(f"{path}: counts at '{source}' contain negative values (rows from {first_row}); "
+                             "this looks like scaled data. Fix: point at raw counts (X, raw or a layer).")
+    return TokenizeError(f"{path}: counts at '{source}' contain NaN or infinite values (rows from {first_row}). "
+                         "Fix: use raw counts or clean the matrix.")
 
 
 def _check_values(block, path: str, source: str, first_row: int) -> None:
@@ -420,11 +566,9 @@ def _check_values(block, path: str, source: str, first_row: int) -> None:
     if data.size == 0:
         return
     if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise TokenizeError(f"{path}: counts at '{source}' contain NaN or infinite values (rows from {first_row}). "
-                            "Fix: use raw counts or clean the matrix.")
+        raise _bad_values("not finite", path, source, first_row)
     if data.min() < 0:
-        raise TokenizeError(f"{path}: counts at '{source}' contain negative values (rows from {first_row}); "
-                            "this looks like scaled data. Fix: point at raw counts (X, raw or a layer).")
+        raise _bad_values("negative", path, source, first_row)
 
 
 @dataclass
@@ -455,39 +599,57 @@ def length_summary(hist: np.ndarray) -> dict[str, float]:
             "max": int(lens[hist > 0][-1]), "mean": float((hist * lens).sum() / hist.sum())}
 
 
+_FORKED_JOBS: list[TokenizeJob] = []
+
+
+def _run_forked_job(k: int) -> dict[str, Any]:
+    return _run_job(_FORKED_JOBS[k])
+
+
 def tokenize_rows(path: Path, out_dir: Path, tokenizer: RankValueTokenizer, *, counts: str, ensembl_ids: Sequence,
-                  gene_names: Sequence[str], rows: np.ndarray, columns: dict[str, np.ndarray],
-                  n_counts: np.ndarray | None, workers: int = 1, chunk_size: int = 2048,
+                  gene_names: Sequence[str], rows: np.ndarray, columns: dict[str, np.ndarray | str],
+                  n_counts: np.ndarray | str | None, workers: int = 1, chunk_size: int = 2048,
                   dataset_label: str | None = None) -> TokenizeResult:
     """Tokenize ``rows`` of an h5ad into one ``datasets`` folder ``out_dir`` (written atomically).
 
-    ``columns`` are per-row metadata (cell ids, labels, ...) aligned with ``rows``; rows
-    are split over ``workers`` processes, each writing one Arrow file of the dataset.
+    ``columns`` are per-row metadata (cell ids, labels, ...): arrays aligned with ``rows``,
+    or the name of an obs column (:attr:`data.ObsColumns.NAMES` for obs_names), read chunk by
+    chunk; ``n_counts`` likewise. Rows are split over ``workers`` processes, each writing
+    one Arrow file of the dataset.
     """
     t0 = time.perf_counter()
     cov_table, cov = gene_coverage(gene_names, ensembl_ids, tokenizer.token_dict)
     if cov["in_vocabulary"] == 0:
         raise no_genes_error(dataset_label or Path(path).name, "this model", cov)
     plan = tokenizer.plan(ensembl_ids)
-    extra = {k: _arrow_type(v) for k, v in columns.items()}
+    lazy = [v for v in columns.values() if isinstance(v, str)]
+    with data_mod.ObsColumns(Path(path), lazy) as obs:  # a column read from the file: typed by its first row
+        extra = {k: _arrow_type(obs.read(v, 0, 1) if isinstance(v, str) else v) for k, v in columns.items()}
     features = _features(extra)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers, -(-len(rows) // max(chunk_size, 1))))  # no more workers than chunks
     bounds = np.linspace(0, len(rows), workers + 1).round().astype(int)
     with runs.stage_output(out_dir.parent, out_dir.name) as tmp:  # renamed into place only when complete
+        def part(v, k):
+            return v if v is None or isinstance(v, str) else np.asarray(v)[bounds[k] : bounds[k + 1]]
+
         jobs = [
             TokenizeJob(path=str(path), counts=counts, rows=rows[bounds[k]:bounds[k + 1]], plan=plan,
-                        tokenizer=tokenizer, columns={c: np.asarray(v)[bounds[k]:bounds[k + 1]] for c, v in columns.items()},
-                        n_counts=None if n_counts is None else np.asarray(n_counts)[bounds[k]:bounds[k + 1]],
-                        out_file=str(tmp / f"part-{k:05d}.arrow"), features=features, chunk_size=chunk_size)
+                        tokenizer=tokenizer, columns={c: part(v, k) for c, v in columns.items()},
+                        n_counts=part(n_counts, k), out_file=str(tmp / f"part-{k:05d}.arrow"), features=features,
+                        chunk_size=chunk_size)
             for k in range(workers)
         ]
         if len(jobs) == 1:
             results = [_run_job(jobs[0])]
         else:
-            with ProcessPoolExecutor(len(jobs), mp_context=get_context("fork")) as ex:
-                results = list(ex.map(_run_job, jobs))
+            _FORKED_JOBS[:] = jobs  # inherited by the forked workers: nothing large is pickled
+            try:
+                with ProcessPoolExecutor(len(jobs), mp_context=get_context("fork")) as ex:
+                    results = list(ex.map(_run_forked_job, range(len(jobs))))
+            finally:
+                _FORKED_JOBS.clear()
         write_dataset_dir(tmp, [Path(j.out_file) for j in jobs], features)
     hist = sum(r["lengths_hist"] for r in results)
     return TokenizeResult(out_dir=out_dir, cells=sum(r["cells"] for r in results),
@@ -497,21 +659,11 @@ def tokenize_rows(path: Path, out_dir: Path, tokenizer: RankValueTokenizer, *, c
 
 # ------------------------------------------------------------- reading the h5ad ----
 
-def read_obs_columns(path: Path, names: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """obs_names and some obs columns, read without loading the matrix (or the rest of obs)."""
-    import h5py
-    from anndata.io import read_elem
-
-    with h5py.File(path, "r") as f:
-        obs = f["obs"]
-        index_key = obs.attrs.get("_index", "_index")
-        index_key = index_key.decode() if isinstance(index_key, bytes) else index_key
-        obs_names = np.asarray(read_elem(obs[index_key])).astype(str)
-        out = {}
-        for n in names:
-            if n in obs:
-                out[n] = np.asarray(pd.Series(read_elem(obs[n])).to_numpy())
-    return obs_names, out
+def read_obs_full(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Those of ``names`` that are obs columns, read whole (small per-cell columns only)."""
+    have = [n for n in names if n in data_mod.obs_keys(path)]
+    with data_mod.ObsColumns(path, have) as obs:
+        return {n: obs.read(n, 0, obs.n_obs) for n in have}
 
 
 def read_gene_names(path: Path, counts: str, gene_names: str) -> np.ndarray:
@@ -542,31 +694,26 @@ def tokenize_h5ad(path: Path, out_dir: Path, *, model_name: str, dict_dir: Path,
     data_mod.open_h5(path).close()  # clear errors for missing/truncated/non-h5ad files, without reading obs/var
     names = read_gene_names(path, counts, gene_names)
     ensembl = map_genes(pd.Series(names), gene_id_type, tk.mapping)
-    wanted = ["n_counts", "filter_pass"] + ([label_key] if label_key else [])
-    obs_names, cols = read_obs_columns(path, wanted)
-    if label_key and label_key not in cols:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            have = [k for k in f["obs"].keys() if not k.startswith("_")]
+    have = data_mod.obs_keys(path)
+    if label_key and label_key not in have:
         raise TokenizeError(f"label column {label_key!r} is not in obs (columns: {', '.join(have) or 'none'}). "
                             "Fix: pass --label-key with one of them.")
-    if len(obs_names) == 0:
+    # per-cell columns are read chunk by chunk in the workers; only filter_pass is read whole
+    with data_mod.ObsColumns(path, ["filter_pass"] if "filter_pass" in have else []) as obs:
+        n_obs = obs.n_obs
+        rows = np.arange(n_obs)
+        if "filter_pass" in have:
+            rows = rows[np.asarray(obs.read("filter_pass", 0, n_obs) == 1)]
+    if n_obs == 0:
         raise TokenizeError(f"{path} has no cells.")
-    rows = np.arange(len(obs_names))
-    if "filter_pass" in cols:
-        rows = rows[np.asarray([v == 1 for v in cols["filter_pass"]])]
     i, n = shard
     rows = shard_rows(rows, i, n)
-    columns = {"cell_id": obs_names[rows].astype(object)}
+    columns: dict[str, np.ndarray | str] = {"cell_id": data_mod.ObsColumns.NAMES}
     if label_key:
-        columns[label_key] = np.asarray(cols[label_key])[rows]
-        if columns[label_key].dtype.kind not in "iufb":
-            columns[label_key] = columns[label_key].astype(str).astype(object)
+        columns[label_key] = label_key
     target = Path(out_dir) / shard_name(i, n) if n > 1 else Path(out_dir)
     return tokenize_rows(path, target, tk, counts=counts, ensembl_ids=list(ensembl), gene_names=list(names),
-                         rows=rows, columns=columns,
-                         n_counts=np.asarray(cols["n_counts"])[rows] if "n_counts" in cols else None,
+                         rows=rows, columns=columns, n_counts="n_counts" if "n_counts" in have else None,
                          workers=workers, chunk_size=chunk_size, dataset_label=path.name)
 
 
@@ -609,11 +756,11 @@ def tokenize_stage(params: "Params", run_dir: Path, shard: str | None = None) ->
         cells, dropped = len(ds), 0
         hist = np.bincount(lengths, minlength=spec["input_size"] + 1)
     else:
-        _, obs_cols = read_obs_columns(params.data_path, ["n_counts", "filter_pass"])
+        obs_cols = read_obs_full(params.data_path, ["filter_pass"])
         rows = keep["row"].to_numpy()
         keep_mask = np.ones(len(rows), dtype=bool)
         if "filter_pass" in obs_cols:
-            keep_mask = np.asarray([v == 1 for v in obs_cols["filter_pass"][rows]])
+            keep_mask = np.asarray(obs_cols["filter_pass"][rows] == 1)
         keep, rows = keep[keep_mask], rows[keep_mask]
         columns = {
             "cell_id": keep["cell_id"].astype(str).to_numpy(dtype=object),
@@ -623,7 +770,7 @@ def tokenize_stage(params: "Params", run_dir: Path, shard: str | None = None) ->
         }
         res = tokenize_rows(params.data_path, target, tk, counts=params.data.counts, ensembl_ids=list(ensembl),
                             gene_names=list(genes["gene"].astype(str)), rows=rows, columns=columns,
-                            n_counts=obs_cols["n_counts"][rows] if "n_counts" in obs_cols else None,
+                            n_counts="n_counts" if "n_counts" in data_mod.obs_keys(params.data_path) else None,
                             workers=params.tokenize.workers or max(1, int(params.profile_for("tokenize").cpus)),
                             chunk_size=params.tokenize.chunk_size, dataset_label=params.data_path.name)
         cells, dropped, hist = res.cells, res.dropped_zero_count, res.lengths_hist
@@ -660,7 +807,7 @@ def _tokenize_with_helical(params: "Params", keep: pd.DataFrame, ensembl: pd.Ser
     with data_mod.CountsReader(params.data_path, params.data.counts) as r:
         X = r.rows(int(rows.min()), int(rows.max()) + 1, dense_ok=True)[rows - rows.min()]
     X = X if isinstance(X, np.ndarray) else sp.csr_matrix(X)
-    _, obs_cols = read_obs_columns(params.data_path, ["n_counts", "filter_pass"])
+    obs_cols = read_obs_full(params.data_path, ["n_counts", "filter_pass"])
     obs = pd.DataFrame({
         "cell_id": keep["cell_id"].astype(str).values,
         "label": keep["label"].astype(str).values,
