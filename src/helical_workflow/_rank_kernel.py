@@ -27,7 +27,18 @@ from numba import njit
 OK, UNSORTED, NEGATIVE, NOT_FINITE = 0, 1, 2, 3
 
 
-@njit(cache=True, nogil=True, inline="always")
+def _jit(fn=None, **kw):
+    """``njit`` with an on-disk cache where numba finds a writable place for one (next to
+    this file, NUMBA_CACHE_DIR, or the user's cache folder); compiled per process otherwise."""
+    if fn is None:
+        return lambda f: _jit(f, **kw)
+    try:
+        return njit(cache=True, nogil=True, **kw)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(nogil=True, **kw)(fn)
+
+
+@_jit(inline="always")
 def _index_bits(n):
     b = 1
     while (1 << b) < n:
@@ -35,7 +46,7 @@ def _index_bits(n):
     return b
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def prepare(indptr, indices, data, recip, tsum, colmap, rmed, tokens, check, row_ok,
             keys, neg, toks, out_ptr, forced):
     """Values and sort keys of the mapped genes of each row with ``row_ok``.
@@ -89,7 +100,7 @@ def prepare(indptr, indices, data, recip, tsum, colmap, rmed, tokens, check, row
     return OK
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def find_ties(keys, out_ptr, rows, tied):
     """For each row in ``rows`` (keys sorted): set ``tied[r]`` when two neighbouring keys
     share their upper bits (an exact tie, or values the dropped bits would decide)."""
@@ -110,7 +121,7 @@ def find_ties(keys, out_ptr, rows, tied):
     return n
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def emit(keys, order, toks, out_ptr, row_ok, tied, limit, special, cls, eos, flat, offsets, at, k):
     """Tokens of each kept row in rank order (from the sorted keys, or from ``order`` for
     tied rows), truncated to ``limit``, with ``cls``/``eos`` around them when ``special``,
@@ -139,3 +150,20 @@ def emit(keys, order, toks, out_ptr, row_ok, tied, limit, special, cls, eos, fla
         k += 1
         offsets[k] = at
     return at
+
+
+def warm_up() -> None:
+    """Load (or compile, the first time) every kernel for float32 and float64 values, so that
+    forked workers inherit them ready instead of each loading them on first use."""
+    indptr, indices = np.array([0, 2], dtype=np.int64), np.array([0, 1], dtype=np.int32)
+    colmap, rmed, tokens = np.array([0, 1], np.int32), np.ones(2), np.array([5, 6], np.int32)
+    ones = np.ones(1, dtype=np.bool_)
+    for dt in (np.float32, np.float64):
+        keys, neg, toks = np.empty(2, np.uint64), np.empty(2), np.empty(2, np.int32)
+        out_ptr, forced = np.empty(2, np.int64), np.zeros(1, np.bool_)
+        prepare(indptr, indices, np.ones(2, dt), np.ones(1, dt), dt(10000), colmap, rmed, tokens, ones, ones,
+                keys, neg, toks, out_ptr, forced)
+    keys.sort()
+    find_ties(keys, out_ptr, np.zeros(1, np.int64), forced)
+    emit(keys, np.zeros(2, np.int64), toks, out_ptr, ones, forced, 10, True, 1, 2, np.empty(4, np.int32),
+         np.empty(2, np.int64), 0, 0)

@@ -265,7 +265,7 @@ class RankValueTokenizer:
 
         if plan.groups is not None:
             return None
-        argsort, tie_heavy = np.argsort, None
+        argsort, tie_heavy, probed, probed_ties = np.argsort, False, 0, 0
         n_rows = len(indptr) - 1
         if n_counts is None:  # scipy's csr.sum(axis=1), the same ufunc call on the same values
             n = np.zeros(n_rows, dtype=_sum_dtype(data.dtype))
@@ -310,16 +310,14 @@ class RankValueTokenizer:
             if status != K.OK:
                 raise ValueError("negative" if status == K.NEGATIVE else "not finite")
             rows = np.flatnonzero(ok)
-            if tie_heavy is None and len(rows):  # decided on the first rows: most tied -> argsort every row directly
-                probe = rows[:_PROBE_ROWS]
-                _sort_rows(keys, out_ptr, probe)
-                tie_heavy = 2 * K.find_ties(keys, out_ptr, probe, tied) > len(probe)
-                rows = rows[_PROBE_ROWS:]
             if tie_heavy:
                 tied[rows] = True
             elif len(rows):
                 _sort_rows(keys, out_ptr, rows)
-                K.find_ties(keys, out_ptr, rows, tied)
+                ties = K.find_ties(keys, out_ptr, rows, tied)
+                if probed < _PROBE_ROWS:  # the first rows decide: ties in most -> argsort every row directly
+                    probed, probed_ties = probed + len(rows), probed_ties + ties
+                    tie_heavy = probed >= _PROBE_ROWS and 2 * probed_ties > probed
             bounds = out_ptr.tolist()
             for r in np.flatnonzero(tied & ok).tolist():
                 s, e = bounds[r], bounds[r + 1]
@@ -394,8 +392,8 @@ class RankValueTokenizer:
         return flat[:at], offsets, keep_cell
 
 
-_PROBE_ROWS = 64  # cells per block whose keys are sorted before deciding the block is tie-heavy
-_SUB_ROWS = 64  # cells encoded together by the compiled passes
+_PROBE_ROWS = 64  # cells per block whose keys are sorted before deciding whether the block is tie-heavy
+_SUB_ROWS = 16  # cells encoded together by the compiled passes
 
 
 def _sort_rows(keys: np.ndarray, out_ptr: np.ndarray, rows: np.ndarray) -> bool:
@@ -644,6 +642,9 @@ def tokenize_rows(path: Path, out_dir: Path, tokenizer: RankValueTokenizer, *, c
         if len(jobs) == 1:
             results = [_run_job(jobs[0])]
         else:
+            from . import _rank_kernel
+
+            _rank_kernel.warm_up()  # compiled once here, inherited by the workers
             _FORKED_JOBS[:] = jobs  # inherited by the forked workers: nothing large is pickled
             try:
                 with ProcessPoolExecutor(len(jobs), mp_context=get_context("fork")) as ex:
