@@ -321,3 +321,17 @@ def test_obs_columns_read_by_row_range(tmp_path):
         assert list(o.read("num", 2, 5)) == [3.0, 4.5, 6.0]
         assert list(o.read("text", 3, 5)) == ["w", "v"]
         assert [str(v) for v in o.read("nullable", 0, 3)] == ["1", "nan", "3"]
+
+
+def test_cli_reads_labels_with_missing_values_chunk_by_chunk(tmp_path):
+    """Labels and cell ids are read from obs per chunk: a missing category is written as 'nan'."""
+    d = make_dicts(tmp_path, 50, special=False, seed=2)
+    h5 = tmp_path / "m.h5ad"
+    ad = make_h5ad(h5, n_cells=30, n_genes=50, seed=2)
+    ad.obs["cell_type"] = pd.Categorical(["T", None, "B"] * 10)
+    ad.write_h5ad(h5)
+    res = tok.tokenize_h5ad(h5, tmp_path / "o", model_name="gf-6L-10M-i2048", dict_dir=d, gene_id_type="ensembl",
+                            gene_names="ensembl_id", label_key="cell_type", chunk_size=7, workers=2)
+    ds = load_from_disk(str(res.out_dir))
+    assert list(ds["cell_type"]) == ["T", "nan", "B"] * 10
+    assert list(ds["cell_id"]) == list(ad.obs_names)

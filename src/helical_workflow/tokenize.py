@@ -3,10 +3,14 @@
 Two implementations, chosen by ``tokenize.implementation``:
 
 * ``streaming`` (default): :class:`RankValueTokenizer` reads row chunks straight from the
-  HDF5 file (CSR or dense; ``X``, ``raw`` or a layer), normalises and rank-encodes them
-  with vectorised numpy, and appends them to Arrow files (Hugging Face ``datasets``
-  format) as it goes: memory stays flat whatever the number of cells. Row ranges can be
-  split into shards (one Airflow task each) and, within a shard, over worker processes.
+  HDF5 file (CSR or dense; ``X``, ``raw`` or a layer), normalises and rank-encodes them,
+  and appends them to Arrow files (Hugging Face ``datasets`` format) as it goes: memory
+  stays flat whatever the number of cells (per-cell obs columns are read chunk by chunk
+  too). CSR chunks take a compiled path (``_rank_kernel``: cells whose values are all
+  distinct are ranked by sorting packed keys; cells with ties by ``np.argsort``, as
+  helical); dense, collapsed or unusual matrices the vectorised numpy path
+  (:meth:`RankValueTokenizer.encode_block`). Row ranges can be split into shards (one
+  Airflow task each) and, within a shard, over forked worker processes.
 * ``helical``: helical's own ``TranscriptomeTokenizer`` (what ``Geneformer.process_data``
   runs after mapping genes), on the selected cells held in memory: the reference.
 
@@ -513,8 +517,8 @@ def _run_job(job: TokenizeJob) -> dict[str, Any]:
 def _arrow_column(values: np.ndarray, typ):
     import pyarrow as pa
 
-    if pa.types.is_string(typ) and values.dtype.kind not in "OU":
-        values = values.astype(str)
+    if pa.types.is_string(typ) and values.dtype.kind != "U":
+        values = values.astype(str)  # a missing category (NaN) becomes 'nan', as pandas' astype(str)
     elif values.dtype == object and not pa.types.is_string(typ):
         values = values.tolist()
     return pa.array(values, type=typ)
