@@ -12,7 +12,7 @@ dictionaries (a cell's values then rarely tie); ``tied`` medians are rounded to 
 so that every cell has tied values and every cell takes numpy's argsort, helical's
 tie order (the worst case for us; reported too).
 
-    .venv/kernel/bin/python benchmarks/tokenize_bench.py [--sizes 50000,200000,1000000] [--helical-cells 50000]
+    .venv/kernel/bin/python benchmarks/tokenize_bench.py [--sizes 50000,200000,1000000] [--helical-cells 50000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -163,12 +163,20 @@ def run_helical(h5: str, dicts: str) -> dict:
             "startup_s": startup}
 
 
-def measure(kind: str, h5: Path, dicts: Path, workers: int = 1) -> dict:
+def measure(kind: str, h5: Path, dicts: Path, workers: int = 1, repeat: int = 1) -> dict:
+    """The median run of ``repeat`` fresh processes (by cells/s), with the range seen."""
     cmd = [sys.executable, __file__, "--worker", kind, "--h5", str(h5), "--dicts", str(dicts), "--workers", str(workers)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeat):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs.sort(key=lambda r: r["cells_per_s"])
+    med = dict(runs[len(runs) // 2])
+    med["range"] = f"{runs[0]['cells_per_s']:.0f}-{runs[-1]['cells_per_s']:.0f}" if repeat > 1 else ""
+    med["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return med
 
 
 def main() -> None:
@@ -176,6 +184,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="50000,200000,1000000", help="ours alone at these sizes (cells)")
     ap.add_argument("--helical-cells", type=int, default=50000, help="helical and ours on this size")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of ours per row up to 200k cells (median shown)")
     ap.add_argument("--worker", choices=["ours", "helical"])
     ap.add_argument("--h5")
     ap.add_argument("--dicts")
@@ -203,17 +212,19 @@ def main() -> None:
     ref = {"realistic": measure("helical", h5, dicts), "tied": measure("helical", h5, tied)}
     rows = [("helical process_data, 1 process", kind, n, r) for kind, r in ref.items()]
     for w in sorted({1, args.workers}):
-        rows.append((f"ours, {w} worker(s)", "realistic", n, measure("ours", h5, dicts, w)))
-    rows.append((f"ours, {args.workers} worker(s)", "tied", n, measure("ours", h5, tied, args.workers)))
+        rows.append((f"ours, {w} worker(s)", "realistic", n, measure("ours", h5, dicts, w, args.repeat)))
+    rows.append((f"ours, {args.workers} worker(s)", "tied", n, measure("ours", h5, tied, args.workers, args.repeat)))
     for size in [int(s) for s in args.sizes.split(",") if s and int(s) != n]:
-        rows.append((f"ours, {args.workers} worker(s)", "realistic", size, measure("ours", h5ad(size), dicts, args.workers)))
+        rows.append((f"ours, {args.workers} worker(s)", "realistic", size,
+                     measure("ours", h5ad(size), dicts, args.workers, args.repeat if size <= 200_000 else 1)))
     print(f"\n{'implementation':34s} {'medians':>9s} {'cells':>9s} {'seconds':>8s} {'cells/s':>10s} "
-          f"{'peak RSS MB':>12s} {'vs helical':>11s} {'start-up s':>11s}")
+          f"{'peak RSS MB':>12s} {'vs helical':>11s} {'start-up s':>11s}  cells/s range")
     for name, kind, cells, r in rows:
         print(f"{name:34s} {kind:>9s} {cells:9d} {r['seconds']:8.2f} {r['cells_per_s']:10.0f} {r['peak_rss_mb']:12.0f} "
-              f"{r['cells_per_s'] / ref[kind]['cells_per_s']:10.1f}x {r['startup_s']:11.2f}")
+              f"{r['cells_per_s'] / ref[kind]['cells_per_s']:10.1f}x {r['startup_s']:11.2f}  {r.get('range', '')}")
     print(f"(vs helical: against helical's cells/s on the {n}-cell file with the same dictionaries; seconds "
-          "count from the call, after imports: start-up s is the imports and model/JIT loading before it)")
+          "count from the call, after imports: start-up s is the imports and model/JIT loading before it; ours "
+          f"up to 200k cells: median of {args.repeat} runs, peak RSS the largest)")
 
 
 if __name__ == "__main__":

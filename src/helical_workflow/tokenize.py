@@ -269,7 +269,7 @@ class RankValueTokenizer:
 
         if plan.groups is not None:
             return None
-        argsort, tie_heavy, probed, probed_ties = np.argsort, False, 0, 0
+        tie_heavy, probed, probed_ties = False, 0, 0
         n_rows = len(indptr) - 1
         if n_counts is None:  # scipy's csr.sum(axis=1), the same ufunc call on the same values
             n = np.zeros(n_rows, dtype=_sum_dtype(data.dtype))
@@ -325,7 +325,7 @@ class RankValueTokenizer:
             bounds = out_ptr.tolist()
             for r in np.flatnonzero(tied & ok).tolist():
                 s, e = bounds[r], bounds[r + 1]
-                order[s:e] = argsort(neg[s:e])  # neg is helical's -value: same array, same order
+                order[s:e] = neg[s:e].argsort()  # np.argsort(-value) as helical: same array, same order
             at = K.emit(keys, order, toks, out_ptr, ok, tied, limit, special, cls_, eos_, flat, offsets, at, k)
             k += int(ok.sum())
         kept = keep if selected is None else keep[selected]
