@@ -6,17 +6,20 @@ two values tie, the order of the tied genes is whatever numpy's sort does, so on
 ``np.argsort`` itself gives it. The fast path therefore:
 
 1. ``prepare``: normalises each cell's mapped genes (bit-for-bit numpy's arithmetic) and
-   builds one uint64 sort key per gene: the value's bits inverted (descending), with the
-   lowest ``b`` bits replaced by the gene's position in the cell (``b`` = bits that position
-   needs). Keys are unique, so sorting them is exact and cheap (numpy's SIMD ``sort``).
+   builds one uint32 sort key per gene: the value's leading bits (exponent relative to the
+   cell's smallest, then as many mantissa bits as fit), inverted so that larger values come
+   first, above the gene's position in the cell. Keys are unique, so numpy's SIMD ``sort``
+   of 32-bit keys orders them, at half the cost of 64-bit ones.
 2. the caller sorts each cell's keys (``ndarray.sort``, in place);
-3. ``find_ties``: a cell whose sorted keys have two neighbours with equal upper bits has
-   an exact tie (or values so close that the dropped bits decide): it is re-ranked with
-   ``np.argsort(-values)``, exactly as helical;
-4. ``emit``: tokens in rank order, truncated, with ``<cls>``/``<eos>`` when the model has them.
+3. ``resolve``: neighbours whose value bits are equal (values closer than the kept bits
+   tell apart) are put in exact order by their full values; a cell where two values are
+   exactly equal is marked ``tied`` and re-ranked by the caller with ``np.argsort(-values)``,
+   exactly as helical. The result is each cell's order of positions;
+4. ``emit``: tokens in that order, truncated, with ``<cls>``/``<eos>`` when the model has them.
 
 Any doubt (indices not sorted within a row, a value that is not finite) makes ``prepare``
-return a status and the caller takes the general numpy path for that block.
+return a status (or mark the cell for ``np.argsort``) and the caller takes the general
+path.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from numba import njit
 
 OK, UNSORTED, NEGATIVE, NOT_FINITE = 0, 1, 2, 3
+_SIGN = np.uint64(0x7FFF_FFFF_FFFF_FFFF)
 
 
 def _jit(fn=None, **kw):
@@ -40,6 +44,7 @@ def _jit(fn=None, **kw):
 
 @_jit(inline="always")
 def _index_bits(n):
+    """Bits that a position in a cell of n values needs (at least 1)."""
     b = 1
     while (1 << b) < n:
         b += 1
@@ -53,14 +58,15 @@ def prepare(indptr, indices, data, recip, tsum, colmap, rmed, tokens, check, row
 
     ``indptr`` holds absolute offsets into ``indices``/``data``; outputs start at 0.
     ``data`` and ``recip`` share numpy's working dtype of ``data * (1 / n)`` (float32 or
-    float64); ``tsum`` is 10000 in that dtype. ``neg`` receives ``-value`` (float64),
-    ``toks`` the token of each kept gene, ``out_ptr`` the row offsets into them.
-    ``forced[r]`` is set for rows whose order must come from ``np.argsort`` (non-finite
-    values). Every stored value of the rows with ``check`` is validated. Returns a status:
-    OK, UNSORTED (indices not strictly increasing in a row), NEGATIVE or NOT_FINITE.
+    float64); ``tsum`` is 10000 in that dtype. ``neg`` receives ``-value`` (float64, the
+    array helical argsorts), ``toks`` the token of each kept gene, ``keys`` the uint32 keys,
+    ``out_ptr`` the row offsets into them. ``forced[r]`` is set for rows whose order must
+    come from ``np.argsort`` (non-finite values, or a range of values the keys cannot span).
+    Every stored value of the rows with ``check`` is validated. Returns a status: OK,
+    UNSORTED (indices not strictly increasing in a row), NEGATIVE or NOT_FINITE.
     """
     n_rows = len(indptr) - 1
-    fkeys = keys.view(np.float64)  # the value is written here, then turned into its key in place
+    nbits = neg.view(np.uint64)
     at = 0
     out_ptr[0] = 0
     for r in range(n_rows):
@@ -72,8 +78,6 @@ def prepare(indptr, indices, data, recip, tsum, colmap, rmed, tokens, check, row
             continue
         ok = row_ok[r]
         rc = recip[r]
-        b = _index_bits(e - s)  # bits for a position in the row (mapped genes are at most e - s)
-        high = ~np.uint64((1 << b) - 1)
         start = at
         prev = -1
         for j in range(s, e):
@@ -91,42 +95,88 @@ def prepare(indptr, indices, data, recip, tsum, colmap, rmed, tokens, check, row
                 v = np.float64((x * rc) * tsum) * rmed[p]
                 neg[at] = -v
                 toks[at] = tokens[p]
-                fkeys[at] = v
-                keys[at] = ((~keys[at]) & high) | np.uint64(at - start)
-                if not np.isfinite(v):
-                    forced[r] = True
                 at += 1
         out_ptr[r + 1] = at
+        m = at - start
+        if m == 0:
+            continue
+        lo = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+        hi = np.uint64(0)
+        for i in range(start, at):  # the value's bits: a positive float orders as its bits do
+            b = nbits[i] & _SIGN
+            lo = min(lo, b)
+            hi = max(hi, b)
+        if hi >= np.uint64(0x7FF0_0000_0000_0000):  # inf or nan
+            forced[r] = True
+            continue
+        ib = _index_bits(m)
+        vb = 32 - ib  # bits left for the value
+        span = _index_bits(np.int64((hi >> np.uint64(52)) - (lo >> np.uint64(52))) + 1)  # exponent range
+        mb = vb - span  # mantissa bits kept
+        if mb < 4:
+            forced[r] = True
+            continue
+        base = (lo >> np.uint64(52)) << np.uint64(52)
+        shift = np.uint64(52 - mb)
+        vmask = np.uint64((1 << vb) - 1)
+        for i in range(start, at):
+            up = ((nbits[i] & _SIGN) - base) >> shift  # monotone in the value, < 2**vb
+            keys[i] = np.uint32((((~up) & vmask) << np.uint64(ib)) | np.uint64(i - start))
     return OK
 
 
 @_jit
-def find_ties(keys, out_ptr, rows, tied):
-    """For each row in ``rows`` (keys sorted): set ``tied[r]`` when two neighbouring keys
-    share their upper bits (an exact tie, or values the dropped bits would decide)."""
-    n = 0
+def resolve(keys, neg, out_ptr, rows, tied, order, scratch):
+    """For each row in ``rows`` (keys sorted): the positions in rank order into ``order``;
+    neighbours with equal value bits are ordered by their full values. A row with two
+    exactly equal values (or flagged in ``tied`` already) is left ``tied``. ``scratch``
+    holds at least as many int32 as the longest row. Returns the number of tied rows
+    among ``rows``."""
+    n_tied = 0
     for i in range(len(rows)):
         r = rows[i]
+        if tied[r]:
+            n_tied += 1
+            continue
         s = out_ptr[r]
         e = out_ptr[r + 1]
-        m = e - s
-        low = np.uint64(1 << _index_bits(m))  # prepare may have used more bits; those are zero
-        close = 0
-        for k in range(s + 1, e):  # neighbours that differ only in the low b bits (vectorised)
-            close += (keys[k] ^ keys[k - 1]) < low
-        if close > 0:
-            tied[r] = True
+        ib = np.uint32(_index_bits(e - s))
+        imask = np.uint32((1 << ib) - 1)
+        for j in range(s, e):
+            order[j] = keys[j] & imask
+        n_close = 0
+        for j in range(s + 1, e):  # where a neighbour has the same value bits, branch-free
+            scratch[n_close] = j
+            n_close += (keys[j] >> ib) == (keys[j - 1] >> ib)
+        c = 0
+        while c < n_close:  # each run of such neighbours (mostly pairs): insertion sort by -value
+            k = scratch[c] - 1
+            q = scratch[c] + 1
+            c += 1
+            while c < n_close and scratch[c] == q:
+                q += 1
+                c += 1
+            for a in range(k + 1, q):
+                pos = order[a]
+                w = neg[s + pos]
+                t = a - 1
+                while t >= k and neg[s + order[t]] > w:
+                    order[t + 1] = order[t]
+                    t -= 1
+                order[t + 1] = pos
+            for a in range(k + 1, q):
+                if neg[s + order[a]] == neg[s + order[a - 1]]:
+                    tied[r] = True
         if tied[r]:
-            n += 1
-    return n
+            n_tied += 1
+    return n_tied
 
 
 @_jit
-def emit(keys, order, toks, out_ptr, row_ok, tied, limit, special, cls, eos, flat, offsets, at, k):
-    """Tokens of each kept row in rank order (from the sorted keys, or from ``order`` for
-    tied rows), truncated to ``limit``, with ``cls``/``eos`` around them when ``special``,
-    appended to ``flat`` from position ``at``; ``offsets[k + 1:]`` get the end of each kept
-    row. Returns the new ``at``."""
+def emit(order, toks, out_ptr, row_ok, limit, special, cls, eos, flat, offsets, at, k):
+    """Tokens of each kept row in ``order``, truncated to ``limit``, with ``cls``/``eos``
+    around them when ``special``, appended to ``flat`` from position ``at``;
+    ``offsets[k + 1:]`` get the end of each kept row. Returns the new ``at``."""
     for r in range(len(out_ptr) - 1):
         if not row_ok[r]:
             continue
@@ -136,13 +186,8 @@ def emit(keys, order, toks, out_ptr, row_ok, tied, limit, special, cls, eos, fla
         if special:
             flat[at] = cls
             at += 1
-        if tied[r]:
-            for i in range(n):
-                flat[at + i] = toks[s + order[s + i]]
-        else:
-            low = np.uint64((1 << _index_bits(m)) - 1)
-            for i in range(n):
-                flat[at + i] = toks[s + np.int64(keys[s + i] & low)]
+        for i in range(n):
+            flat[at + i] = toks[s + order[s + i]]
         at += n
         if special:
             flat[at] = eos
@@ -159,11 +204,10 @@ def warm_up() -> None:
     colmap, rmed, tokens = np.array([0, 1], np.int32), np.ones(2), np.array([5, 6], np.int32)
     ones = np.ones(1, dtype=np.bool_)
     for dt in (np.float32, np.float64):
-        keys, neg, toks = np.empty(2, np.uint64), np.empty(2), np.empty(2, np.int32)
+        keys, neg, toks, order = np.empty(2, np.uint32), np.empty(2), np.empty(2, np.int32), np.empty(2, np.int32)
         out_ptr, forced = np.empty(2, np.int64), np.zeros(1, np.bool_)
         prepare(indptr, indices, np.ones(2, dt), np.ones(1, dt), dt(10000), colmap, rmed, tokens, ones, ones,
                 keys, neg, toks, out_ptr, forced)
     keys.sort()
-    find_ties(keys, out_ptr, np.zeros(1, np.int64), forced)
-    emit(keys, np.zeros(2, np.int64), toks, out_ptr, ones, forced, 10, True, 1, 2, np.empty(4, np.int32),
-         np.empty(2, np.int64), 0, 0)
+    resolve(keys, neg, out_ptr, np.zeros(1, np.int64), forced, order, np.empty(2, np.int32))
+    emit(order, toks, out_ptr, ones, 10, True, 1, 2, np.empty(4, np.int32), np.empty(2, np.int64), 0, 0)

@@ -304,9 +304,10 @@ class RankValueTokenizer:
                 continue
             nnz = int(indptr[r1] - indptr[r0])
             keys, neg, toks, order = (data_mod.reusable_buffer(work, name, nnz, dt) for name, dt in
-                                      (("keys", np.uint64), ("neg", np.float64), ("toks", np.int32), ("order", np.int64)))
+                                      (("keys", np.uint32), ("neg", np.float64), ("toks", np.int32), ("order", np.int32)))
             out_ptr = data_mod.reusable_buffer(work, "out_ptr", r1 - r0 + 1, np.int64)
             tied = data_mod.reusable_buffer(work, "tied", r1 - r0, np.bool_)
+            scratch = data_mod.reusable_buffer(work, "scratch", n_genes, np.int32)
             status = K.prepare(indptr[r0 : r1 + 1], indices, x, recip[r0:r1], tsum, colmap, plan.recip_medians,
                                plan.tokens, check[r0:r1], ok, keys, neg, toks, out_ptr, tied)
             if status == K.UNSORTED:
@@ -318,7 +319,7 @@ class RankValueTokenizer:
                 tied[rows] = True
             elif len(rows):
                 _sort_rows(keys, out_ptr, rows)
-                ties = K.find_ties(keys, out_ptr, rows, tied)
+                ties = K.resolve(keys, neg, out_ptr, rows, tied, order, scratch)
                 if probed < _PROBE_ROWS:  # the first rows decide: ties in most -> argsort every row directly
                     probed, probed_ties = probed + len(rows), probed_ties + ties
                     tie_heavy = probed >= _PROBE_ROWS and 2 * probed_ties > probed
@@ -326,7 +327,7 @@ class RankValueTokenizer:
             for r in np.flatnonzero(tied & ok).tolist():
                 s, e = bounds[r], bounds[r + 1]
                 order[s:e] = neg[s:e].argsort()  # np.argsort(-value) as helical: same array, same order
-            at = K.emit(keys, order, toks, out_ptr, ok, tied, limit, special, cls_, eos_, flat, offsets, at, k)
+            at = K.emit(order, toks, out_ptr, ok, limit, special, cls_, eos_, flat, offsets, at, k)
             k += int(ok.sum())
         kept = keep if selected is None else keep[selected]
         return flat[:at], offsets, kept
@@ -397,14 +398,13 @@ class RankValueTokenizer:
 
 
 _PROBE_ROWS = 64  # cells per block whose keys are sorted before deciding whether the block is tie-heavy
-_SUB_ROWS = 16  # cells encoded together by the compiled passes
+_SUB_ROWS = 32  # cells encoded together by the compiled passes
 
 
-def _sort_rows(keys: np.ndarray, out_ptr: np.ndarray, rows: np.ndarray) -> bool:
-    """Sort each row's keys in place (numpy's SIMD sort). False when there were no rows."""
+def _sort_rows(keys: np.ndarray, out_ptr: np.ndarray, rows: np.ndarray) -> None:
+    """Sort each row's keys in place (numpy's SIMD sort)."""
     for s, e in zip(out_ptr[rows].tolist(), out_ptr[rows + 1].tolist()):
         keys[s:e].sort()
-    return len(rows) > 0
 
 
 def _sum_dtype(dtype: np.dtype) -> np.dtype:
