@@ -335,3 +335,28 @@ def test_cli_reads_labels_with_missing_values_chunk_by_chunk(tmp_path):
     ds = load_from_disk(str(res.out_dir))
     assert list(ds["cell_type"]) == ["T", "nan", "B"] * 10
     assert list(ds["cell_id"]) == list(ad.obs_names)
+
+
+def test_compiled_path_orders_values_closer_than_its_keys(tmp_path):
+    """Values equal in the leading bits the sort keys keep (medians 1 + i * 1e-12) are put in
+    order by their full values; a zero median (infinite values) goes to numpy's argsort."""
+    n_genes = 300
+    d = make_dicts(tmp_path, n_genes, special=False, seed=4, tie_medians=False)
+    tk = tok.RankValueTokenizer.from_files(d, input_size=2048, special_token=False)
+    ids = [f"ENSG{i:011d}" for i in range(n_genes)]
+    tk.median_dict.update({g: 1.0 + i * 1e-12 for i, g in enumerate(ids)})
+    rng = np.random.default_rng(4)
+    X = sp.random(200, n_genes, density=0.4, format="csr", random_state=4,
+                  data_rvs=lambda k: rng.integers(1, 4, k)).astype(np.float32)
+    plan = tk.plan(ids)
+    want = tk.encode_block(X, plan)
+    got = tk.encode_csr(X.indptr.astype(np.int64), X.indices, X.data, plan, n_genes)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+    tk.median_dict[ids[7]] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plan = tk.plan(ids)
+        want = tk.encode_block(X, plan)
+        got = tk.encode_csr(X.indptr.astype(np.int64), X.indices, X.data, plan, n_genes)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)

@@ -210,4 +210,5 @@ def warm_up() -> None:
                 keys, neg, toks, out_ptr, forced)
     keys.sort()
     resolve(keys, neg, out_ptr, np.zeros(1, np.int64), forced, order, np.empty(2, np.int32))
-    emit(order, toks, out_ptr, ones, 10, True, 1, 2, np.empty(4, np.int32), np.empty(2, np.int64), 0, 0)
+    for flat_dtype in (np.uint16, np.int32):  # how tokens are stored
+        emit(order, toks, out_ptr, ones, 10, True, 1, 2, np.empty(4, flat_dtype), np.empty(2, np.int64), 0, 0)

@@ -34,7 +34,8 @@ The streaming tokenizer produces exactly helical's tokens. The semantics it copi
 Documented differences: cells with zero total counts are dropped and counted in the
 summary (helical emits an empty cell for a sparse matrix, and every gene in an arbitrary
 order of NaNs for a dense one);
-``input_ids`` are stored as int32 (helical: int64; same values).
+``input_ids`` are stored as uint16 when every token id fits (Geneformer's vocabularies
+do; half the bytes of int32 on disk), else int32 (helical: int64; same values).
 """
 
 from __future__ import annotations
@@ -171,6 +172,9 @@ class RankValueTokenizer:
                                 "Fix: use the dictionaries of the model's version (v2/v3).")
         self.cls = token_dict.get("<cls>")
         self.eos = token_dict.get("<eos>")
+        ids = [v for v in token_dict.values() if isinstance(v, (int, np.integer))]
+        # how input_ids are stored: uint16 where every token fits (half the bytes of int32)
+        self.token_dtype = np.dtype(np.uint16 if ids and 0 <= min(ids) and max(ids) < 1 << 16 else np.int32)
 
     @classmethod
     def from_files(cls, dict_dir: Path, *, input_size: int, special_token: bool) -> "RankValueTokenizer":
@@ -221,7 +225,8 @@ class RankValueTokenizer:
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tokenize a block of cells (rows; CSR or dense over all genes of the matrix).
 
-        Returns (flat int32 tokens, int64 offsets of len kept+1, bool mask of cells kept).
+        Returns (flat int32 tokens, int64 offsets of len kept+1, bool mask of cells kept);
+        :meth:`encode_csr` returns its tokens in ``token_dtype``.
         The arithmetic follows helical's expression ``(X / n_counts) * 10000 / medians``
         exactly as numpy and scipy evaluate it, so values, and therefore ties, are bitwise
         the same: a sparse matrix divided by a dense array is multiplied by the reciprocal.
@@ -293,7 +298,7 @@ class RankValueTokenizer:
         special = self.special_token
         cls_, eos_ = (self.cls, self.eos) if special else (0, 0)
         n_keep = int(row_ok.sum())
-        flat = data_mod.reusable_buffer(work, "flat", len(data) + 2 * n_keep, np.int32)
+        flat = data_mod.reusable_buffer(work, "flat", len(data) + 2 * n_keep, self.token_dtype)
         offsets = np.zeros(n_keep + 1, dtype=np.int64)
         at = k = 0
         # sub-blocks of rows small enough that keys, values and tokens stay in cache between passes
@@ -424,10 +429,10 @@ def _column_map(cols: np.ndarray, n_genes: int) -> np.ndarray:
 
 # ------------------------------------------------------------- writing Arrow shards ----
 
-def _features(extra: dict[str, str]):
+def _features(extra: dict[str, str], token_dtype: np.dtype):
     from datasets import Features, Sequence, Value
 
-    f = {"input_ids": Sequence(Value("int32")), "length": Value("int32")}
+    f = {"input_ids": Sequence(Value(np.dtype(token_dtype).name)), "length": Value("int32")}
     f.update({k: Value(v) for k, v in extra.items()})
     return Features(f)
 
@@ -504,7 +509,8 @@ def _run_job(job: TokenizeJob) -> dict[str, Any]:
             nc = None if job.n_counts is None else column(job.n_counts)
             flat, offsets, kept = _encode_rows(job, reader, rsel, nc, work)
             lengths = np.diff(offsets).astype(np.int32)
-            arrays = [pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat)), pa.array(lengths)]
+            ids = pa.array(flat.astype(job.tokenizer.token_dtype, copy=False))
+            arrays = [pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), ids), pa.array(lengths)]
             for name, c in job.columns.items():
                 arrays.append(_arrow_column(column(c)[kept], schema.field(name).type))
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
@@ -627,7 +633,7 @@ def tokenize_rows(path: Path, out_dir: Path, tokenizer: RankValueTokenizer, *, c
     lazy = [v for v in columns.values() if isinstance(v, str)]
     with data_mod.ObsColumns(Path(path), lazy) as obs:  # a column read from the file: typed by its first row
         extra = {k: _arrow_type(obs.read(v, 0, 1) if isinstance(v, str) else v) for k, v in columns.items()}
-    features = _features(extra)
+    features = _features(extra, tokenizer.token_dtype)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers, -(-len(rows) // max(chunk_size, 1))))  # no more workers than chunks
