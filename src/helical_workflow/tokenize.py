@@ -270,17 +270,17 @@ class RankValueTokenizer:
         buffers valid until the next call; or None where only the general path applies
         (collapse, indices not sorted within rows, dtypes other than float32/float64 work).
         """
+        import scipy.sparse as sp
+
         from . import _rank_kernel as K
 
         if plan.groups is not None:
             return None
         tie_heavy, probed, probed_ties = False, 0, 0
         n_rows = len(indptr) - 1
-        if n_counts is None:  # scipy's csr.sum(axis=1), the same ufunc call on the same values
-            n = np.zeros(n_rows, dtype=_sum_dtype(data.dtype))
-            nz = np.flatnonzero(np.diff(indptr))
-            if len(nz):
-                n[nz] = np.add.reduceat(data, indptr[nz])
+        if n_counts is None:  # helical's X.sum(axis=1): scipy's own, on the same arrays (no copy)
+            n = np.asarray(sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes), copy=False).sum(axis=1))
+            n = n.reshape(-1)
         else:
             n = np.asarray(n_counts).reshape(-1)
         with np.errstate(divide="ignore"):
@@ -410,15 +410,6 @@ def _sort_rows(keys: np.ndarray, out_ptr: np.ndarray, rows: np.ndarray) -> None:
     """Sort each row's keys in place (numpy's SIMD sort)."""
     for s, e in zip(out_ptr[rows].tolist(), out_ptr[rows + 1].tolist()):
         keys[s:e].sort()
-
-
-def _sum_dtype(dtype: np.dtype) -> np.dtype:
-    """scipy's ``get_sum_dtype``: the dtype of ``csr.sum(axis=1)``."""
-    if dtype.kind == "u" and np.can_cast(dtype, np.uint):
-        return np.dtype(np.uint)
-    if np.can_cast(dtype, np.int_):
-        return np.dtype(np.int_)
-    return np.dtype(dtype)
 
 
 def _column_map(cols: np.ndarray, n_genes: int) -> np.ndarray:
