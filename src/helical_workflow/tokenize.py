@@ -527,22 +527,19 @@ def _encode_rows(job: TokenizeJob, reader: "data_mod.CountsReader", rsel: np.nda
     lo, hi = int(rsel[0]), int(rsel[-1]) + 1
     if reader.sparse and job.plan.groups is None:
         indptr, indices, data = reader.csr_arrays(lo, hi, work)
-        selected = None
-        if hi - lo != len(rsel):  # rows left out (filter_pass) inside the range
+        selected, nc_range = None, nc
+        if hi - lo != len(rsel):  # rows left out (filter_pass) inside the range: read, not encoded
             selected = np.zeros(hi - lo, dtype=bool)
             selected[rsel - lo] = True
             if nc is not None:
-                full = np.zeros(hi - lo, dtype=nc.dtype)
-                full[rsel - lo] = nc
-                nc = full
+                nc_range = np.zeros(hi - lo, dtype=nc.dtype)
+                nc_range[rsel - lo] = nc
         try:
-            out = job.tokenizer.encode_csr(indptr, indices, data, job.plan, reader.shape[1], nc, selected, work)
+            out = job.tokenizer.encode_csr(indptr, indices, data, job.plan, reader.shape[1], nc_range, selected, work)
         except ValueError as e:
             raise _bad_values(str(e), job.path, job.counts, lo) from None
         if out is not None:
             return out
-        if nc is not None and selected is not None:
-            nc = nc[selected]
     block = reader.rows(lo, hi, dense_ok=True)
     if hi - lo != len(rsel):
         block = block[rsel - lo]
@@ -608,16 +605,17 @@ def _run_forked_job(k: int) -> dict[str, Any]:
 def tokenize_rows(path: Path, out_dir: Path, tokenizer: RankValueTokenizer, *, counts: str, ensembl_ids: Sequence,
                   gene_names: Sequence[str], rows: np.ndarray, columns: dict[str, np.ndarray | str],
                   n_counts: np.ndarray | str | None, workers: int = 1, chunk_size: int = 2048,
-                  dataset_label: str | None = None) -> TokenizeResult:
+                  dataset_label: str | None = None,
+                  coverage: tuple[pd.DataFrame, dict[str, Any]] | None = None) -> TokenizeResult:
     """Tokenize ``rows`` of an h5ad into one ``datasets`` folder ``out_dir`` (written atomically).
 
     ``columns`` are per-row metadata (cell ids, labels, ...): arrays aligned with ``rows``,
     or the name of an obs column (:attr:`data.ObsColumns.NAMES` for obs_names), read chunk by
     chunk; ``n_counts`` likewise. Rows are split over ``workers`` processes, each writing
-    one Arrow file of the dataset.
+    one Arrow file of the dataset. ``coverage``: the gene coverage when the caller has it already.
     """
     t0 = time.perf_counter()
-    cov_table, cov = gene_coverage(gene_names, ensembl_ids, tokenizer.token_dict)
+    cov_table, cov = coverage or gene_coverage(gene_names, ensembl_ids, tokenizer.token_dict)
     if cov["in_vocabulary"] == 0:
         raise no_genes_error(dataset_label or Path(path).name, "this model", cov)
     plan = tokenizer.plan(ensembl_ids)
@@ -663,7 +661,8 @@ def tokenize_rows(path: Path, out_dir: Path, tokenizer: RankValueTokenizer, *, c
 
 def read_obs_full(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
     """Those of ``names`` that are obs columns, read whole (small per-cell columns only)."""
-    have = [n for n in names if n in data_mod.obs_keys(path)]
+    stored = data_mod.obs_keys(path)
+    have = [n for n in names if n in stored]
     with data_mod.ObsColumns(path, have) as obs:
         return {n: obs.read(n, 0, obs.n_obs) for n in have}
 
@@ -758,6 +757,7 @@ def tokenize_stage(params: "Params", run_dir: Path, shard: str | None = None) ->
         cells, dropped = len(ds), 0
         hist = np.bincount(lengths, minlength=spec["input_size"] + 1)
     else:
+        have = data_mod.obs_keys(params.data_path)
         obs_cols = read_obs_full(params.data_path, ["filter_pass"])
         rows = keep["row"].to_numpy()
         keep_mask = np.ones(len(rows), dtype=bool)
@@ -772,9 +772,10 @@ def tokenize_stage(params: "Params", run_dir: Path, shard: str | None = None) ->
         }
         res = tokenize_rows(params.data_path, target, tk, counts=params.data.counts, ensembl_ids=list(ensembl),
                             gene_names=list(genes["gene"].astype(str)), rows=rows, columns=columns,
-                            n_counts="n_counts" if "n_counts" in data_mod.obs_keys(params.data_path) else None,
+                            n_counts="n_counts" if "n_counts" in have else None,
                             workers=params.tokenize.workers or max(1, int(params.profile_for("tokenize").cpus)),
-                            chunk_size=params.tokenize.chunk_size, dataset_label=params.data_path.name)
+                            chunk_size=params.tokenize.chunk_size, dataset_label=params.data_path.name,
+                            coverage=(cov_table, cov))
         cells, dropped, hist = res.cells, res.dropped_zero_count, res.lengths_hist
     elapsed = time.perf_counter() - t0
     summary = {
