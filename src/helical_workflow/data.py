@@ -65,6 +65,12 @@ def open_backed(path: Path):
         ) from None
 
 
+def _attr(node, name: str, default: str) -> str:
+    """A string attribute of an HDF5 node (h5py may return it as bytes)."""
+    value = node.attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _matrix_key(source: str) -> str:
     if source == "X":
         return "X"
@@ -153,8 +159,7 @@ class CountsReader:
                 f"{path}: no count matrix at '{source}'. Fix: set data.counts to one of {', '.join(available)}."
             )
         node = self._f[key]
-        enc = node.attrs.get("encoding-type", "array")
-        enc = enc.decode() if isinstance(enc, bytes) else enc
+        enc = _attr(node, "encoding-type", "array")
         if enc == "csc_matrix":
             self._f.close()
             raise DatasetError(
@@ -171,6 +176,7 @@ class CountsReader:
             raise DatasetError(f"{path}: '{source}' has unsupported encoding {enc!r}. Fix: store counts as CSR or dense.")
         self.sparse = enc == "csr_matrix"
         self._node = node
+        self._raw: dict[str, _RawLayout | None] = {}  # per CSR dataset, found on first read
         self.shape = tuple(int(x) for x in self._m.shape)
         self.dtype = self._m.dtype
 
@@ -208,8 +214,6 @@ class CountsReader:
         return indptr, out[0], out[1]
 
     def _raw_layout(self, name: str, ds) -> "_RawLayout | None":
-        if not hasattr(self, "_raw"):
-            self._raw: dict[str, _RawLayout | None] = {}
         if name not in self._raw:
             self._raw[name] = _RawLayout.of(self._f, ds)
         return self._raw[name]
@@ -220,7 +224,7 @@ class CountsReader:
             yield s, self.rows(s, min(s + chunk_size, stop))
 
     def close(self) -> None:
-        for raw in getattr(self, "_raw", {}).values():
+        for raw in self._raw.values():
             if raw is not None:
                 os.close(raw.fd)
         self._f.close()
@@ -250,13 +254,11 @@ class ObsColumns:
 
         self._f = open_h5(path)
         obs = self._f["obs"]
-        index = obs.attrs.get("_index", "_index")
-        index = index.decode() if isinstance(index, bytes) else index
+        index = _attr(obs, "_index", "_index")
         self._read: dict[str, Any] = {}
         for name in names:
             node = obs[index if name == self.NAMES else name]
-            enc = node.attrs.get("encoding-type", "array")
-            enc = enc.decode() if isinstance(enc, bytes) else enc
+            enc = _attr(node, "encoding-type", "array")
             if enc == "categorical":
                 self._read[name] = _categorical_reader(np.asarray(read_elem(node["categories"])), node["codes"])
             elif enc == "string-array":
