@@ -21,13 +21,13 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "outputs" / "bench" / "tokenize"
@@ -103,15 +103,6 @@ def make_h5ad(path: Path, n_cells: int, seed: int = 0, chunk: int = 2000) -> Pat
                 sparse_dataset(f["X"]).append(block)
     tmp.replace(path)
     return path
-
-
-def peak_rss_mb() -> float:
-    """Largest peak RSS of this process and its (forked) workers. This process's own peak is
-    VmHWM: ru_maxrss would carry over the peak of the process that launched it (Linux
-    keeps it across exec), here the benchmark driver after generating the data."""
-    own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) / 1024
 
 
 def run_ours(h5: str, dicts: str, workers: int) -> dict:

@@ -14,12 +14,12 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -89,7 +89,7 @@ def peak_mem(device: str) -> float:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def bench_ours(run_dir: Path, cache: Path, device: str, precision: str, bs: int) -> dict:
