@@ -172,9 +172,8 @@ class RankValueTokenizer:
                                 "Fix: use the dictionaries of the model's version (v2/v3).")
         self.cls = token_dict.get("<cls>")
         self.eos = token_dict.get("<eos>")
-        ids = [v for v in token_dict.values() if isinstance(v, (int, np.integer))]
         # how input_ids are stored: uint16 where every token fits (half the bytes of int32)
-        self.token_dtype = np.dtype(np.uint16 if ids and 0 <= min(ids) and max(ids) < 1 << 16 else np.int32)
+        self.token_dtype = np.dtype(np.uint16 if max(token_dict.values(), default=0) < 1 << 16 else np.int32)
 
     @classmethod
     def from_files(cls, dict_dir: Path, *, input_size: int, special_token: bool) -> "RankValueTokenizer":
