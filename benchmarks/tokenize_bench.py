@@ -12,7 +12,8 @@ dictionaries (a cell's values then rarely tie); ``tied`` medians are rounded to 
 so that every cell has tied values and every cell takes numpy's argsort, helical's
 tie order (the worst case for us; reported too).
 
-    .venv/kernel/bin/python benchmarks/tokenize_bench.py [--sizes 50000,200000,1000000] [--helical-cells 50000] [--repeat 3]
+    .venv/kernel/bin/python benchmarks/tokenize_bench.py [--sizes 50000,200000,1000000]
+        [--helical-cells 50000] [--repeat 3]   (options, on one line)
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from common import peak_rss_mb
+
+from helical_workflow.model import write_dictionaries
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "outputs" / "bench" / "tokenize"
@@ -51,15 +53,19 @@ def make_dicts(d: Path, tied: bool = False) -> Path:
     med = rng.gamma(2.0, 1.0, N_GENES) + 0.05
     medians = dict(zip(ids, med.round(3) if tied else med))
     mapping = {g: g for g in ids}
-    for name, obj in (("token_dictionary.pkl", token), ("gene_median_dictionary.pkl", medians),
-                      ("ensembl_mapping_dict.pkl", mapping)):
-        with open(vdir / name, "wb") as f:
-            pickle.dump(obj, f)
+    write_dictionaries(vdir, token=token, medians=medians, mapping=mapping)
     # a tiny Geneformer-shaped model so that helical's Geneformer() can be constructed
     from transformers import BertConfig, BertForMaskedLM
 
-    cfg = BertConfig(vocab_size=len(token), hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
-                     intermediate_size=256, max_position_embeddings=2048, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=len(token),
+        hidden_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+    )
     BertForMaskedLM(cfg).save_pretrained(vdir / MODEL)
     import torch
 
@@ -80,8 +86,9 @@ def make_h5ad(path: Path, n_cells: int, seed: int = 0, chunk: int = 2000) -> Pat
     rng = np.random.default_rng(seed)
     lam = rng.gamma(0.6, 2.0, N_GENES)  # per-gene mean expression
     tmp = path.with_suffix(".tmp")
-    obs = pd.DataFrame({"cell_type": rng.choice(["T", "B", "NK", "Mono", "DC"], n_cells)},
-                       index=[f"cell{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {"cell_type": rng.choice(["T", "B", "NK", "Mono", "DC"], n_cells)}, index=[f"cell{i}" for i in range(n_cells)]
+    )
     var = pd.DataFrame(index=gene_ids())
     anndata.AnnData(obs=obs, var=var).write_h5ad(tmp)
     with h5py.File(tmp, "a") as f:
@@ -111,22 +118,33 @@ def run_ours(h5: str, dicts: str, workers: int) -> dict:
     import anndata  # noqa: F401  (imports and JIT loading before the clock, as helical's model set-up)
     import datasets  # noqa: F401
 
-    from helical_workflow import _rank_kernel
-    from helical_workflow.tokenize import tokenize_h5ad
+    from helical_workflow.tokenize import _kernel, tokenize_h5ad
 
-    _rank_kernel.warm_up()
+    _kernel.warm_up()
     startup = time.perf_counter() - t_start
 
     out = WORK / f"out-{Path(h5).stem}-w{workers}"
     t0 = time.perf_counter()
-    res = tokenize_h5ad(Path(h5), out, model_name=MODEL, dict_dir=Path(dicts), gene_id_type="ensembl",
-                        label_key="cell_type", workers=workers)
+    res = tokenize_h5ad(
+        Path(h5),
+        out,
+        model_name=MODEL,
+        dict_dir=Path(dicts),
+        gene_id_type="ensembl",
+        label_key="cell_type",
+        workers=workers,
+    )
     dt = time.perf_counter() - t0
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    return {"cells": res.cells, "seconds": dt, "cells_per_s": res.cells / dt, "peak_rss_mb": peak_rss_mb(),
-            "startup_s": startup}
+    return {
+        "cells": res.cells,
+        "seconds": dt,
+        "cells_per_s": res.cells / dt,
+        "peak_rss_mb": peak_rss_mb(),
+        "startup_s": startup,
+    }
 
 
 def run_helical(h5: str, dicts: str) -> dict:
@@ -139,8 +157,12 @@ def run_helical(h5: str, dicts: str) -> dict:
 
     vdir = Path(dicts)
     cfg = GeneformerConfig(model_name=MODEL, batch_size=10)
-    cfg.files_config = {"model_files_dir": vdir / MODEL, "gene_median_path": vdir / "gene_median_dictionary.pkl",
-                        "token_path": vdir / "token_dictionary.pkl", "ensembl_dict_path": vdir / "ensembl_mapping_dict.pkl"}
+    cfg.files_config = {
+        "model_files_dir": vdir / MODEL,
+        "gene_median_path": vdir / "gene_median_dictionary.pkl",
+        "token_path": vdir / "token_dictionary.pkl",
+        "ensembl_dict_path": vdir / "ensembl_mapping_dict.pkl",
+    }
     t_start = time.perf_counter()
     with cache_only_downloader(vdir.parent.parent):
         model = Geneformer(cfg)
@@ -150,13 +172,29 @@ def run_helical(h5: str, dicts: str) -> dict:
     ad.var["ensembl_id"] = ad.var_names
     ds = model.process_data(ad, gene_names="ensembl_id")
     dt = time.perf_counter() - t0
-    return {"cells": len(ds), "seconds": dt, "cells_per_s": len(ds) / dt, "peak_rss_mb": peak_rss_mb(),
-            "startup_s": startup}
+    return {
+        "cells": len(ds),
+        "seconds": dt,
+        "cells_per_s": len(ds) / dt,
+        "peak_rss_mb": peak_rss_mb(),
+        "startup_s": startup,
+    }
 
 
 def measure(kind: str, h5: Path, dicts: Path, workers: int = 1, repeat: int = 1) -> dict:
     """The median run of ``repeat`` fresh processes (by cells/s), with the range seen."""
-    cmd = [sys.executable, __file__, "--worker", kind, "--h5", str(h5), "--dicts", str(dicts), "--workers", str(workers)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--h5",
+        str(h5),
+        "--dicts",
+        str(dicts),
+        "--workers",
+        str(workers),
+    ]
     runs = []
     for _ in range(repeat):
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -206,16 +244,28 @@ def main() -> None:
         rows.append((f"ours, {w} worker(s)", "realistic", n, measure("ours", h5, dicts, w, args.repeat)))
     rows.append((f"ours, {args.workers} worker(s)", "tied", n, measure("ours", h5, tied, args.workers, args.repeat)))
     for size in [int(s) for s in args.sizes.split(",") if s and int(s) != n]:
-        rows.append((f"ours, {args.workers} worker(s)", "realistic", size,
-                     measure("ours", h5ad(size), dicts, args.workers, args.repeat if size <= 200_000 else 1)))
-    print(f"\n{'implementation':34s} {'medians':>9s} {'cells':>9s} {'seconds':>8s} {'cells/s':>10s} "
-          f"{'peak RSS MB':>12s} {'vs helical':>11s} {'start-up s':>11s}  cells/s range")
+        rows.append(
+            (
+                f"ours, {args.workers} worker(s)",
+                "realistic",
+                size,
+                measure("ours", h5ad(size), dicts, args.workers, args.repeat if size <= 200_000 else 1),
+            )
+        )
+    print(
+        f"\n{'implementation':34s} {'medians':>9s} {'cells':>9s} {'seconds':>8s} {'cells/s':>10s} "
+        f"{'peak RSS MB':>12s} {'vs helical':>11s} {'start-up s':>11s}  cells/s range"
+    )
     for name, kind, cells, r in rows:
-        print(f"{name:34s} {kind:>9s} {cells:9d} {r['seconds']:8.2f} {r['cells_per_s']:10.0f} {r['peak_rss_mb']:12.0f} "
-              f"{r['cells_per_s'] / ref[kind]['cells_per_s']:10.1f}x {r['startup_s']:11.2f}  {r.get('range', '')}")
-    print(f"(vs helical: against helical's cells/s on the {n}-cell file with the same dictionaries; seconds "
-          "count from the call, after imports: start-up s is the imports and model/JIT loading before it; ours "
-          f"up to 200k cells: median of {args.repeat} runs, peak RSS the largest)")
+        print(
+            f"{name:34s} {kind:>9s} {cells:9d} {r['seconds']:8.2f} {r['cells_per_s']:10.0f} {r['peak_rss_mb']:12.0f} "
+            f"{r['cells_per_s'] / ref[kind]['cells_per_s']:10.1f}x {r['startup_s']:11.2f}  {r.get('range', '')}"
+        )
+    print(
+        f"(vs helical: against helical's cells/s on the {n}-cell file with the same dictionaries; seconds "
+        "count from the call, after imports: start-up s is the imports and model/JIT loading before it; ours "
+        f"up to 200k cells: median of {args.repeat} runs, peak RSS the largest)"
+    )
 
 
 if __name__ == "__main__":

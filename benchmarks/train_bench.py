@@ -39,12 +39,23 @@ def synthetic_run(n_cells: int, n_genes: int, input_size: int, layers: int, seed
         vdir.mkdir(parents=True, exist_ok=True)
         ids = [f"ENSG{i:011d}" for i in range(n_genes)]
         token = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(ids)}}
-        for name, obj in (("token_dictionary.pkl", token), ("gene_median_dictionary.pkl", dict.fromkeys(ids, 1.0)),
-                          ("ensembl_mapping_dict.pkl", {g: g for g in ids})):
+        for name, obj in (
+            ("token_dictionary.pkl", token),
+            ("gene_median_dictionary.pkl", dict.fromkeys(ids, 1.0)),
+            ("ensembl_mapping_dict.pkl", {g: g for g in ids}),
+        ):
             with open(vdir / name, "wb") as f:
                 pickle.dump(obj, f)
-        cfg = BertConfig(vocab_size=len(token), hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
-                         intermediate_size=512, max_position_embeddings=2048, pad_token_id=0, hidden_act="relu")
+        cfg = BertConfig(
+            vocab_size=len(token),
+            hidden_size=256,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=512,
+            max_position_embeddings=2048,
+            pad_token_id=0,
+            hidden_act="relu",
+        )
         torch.manual_seed(0)
         BertForMaskedLM(cfg).save_pretrained(vdir / "gf-6L-10M-i2048")
         torch.save({}, vdir / "gf-6L-10M-i2048" / "training_args.bin")
@@ -54,12 +65,26 @@ def synthetic_run(n_cells: int, n_genes: int, input_size: int, layers: int, seed
         lo = int(input_size * 0.5) if input_size >= 2048 else 64
         lens = rng.integers(lo, input_size + 1, n_cells)
         labels = rng.integers(0, 10, n_cells)
-        ds = Dataset.from_dict({
-            "input_ids": [rng.choice(np.arange(2, n_genes + 2), n, replace=False).astype(np.int32) for n in lens],
-            "length": lens.astype(np.int32), "cell_id": [f"c{i}" for i in range(n_cells)],
-            "label": [str(x) for x in labels], "label_id": labels, "split": ["train"] * n_cells,
-        }, features=Features({"input_ids": Sequence(Value("int32")), "length": Value("int32"), "cell_id": Value("string"),
-                              "label": Value("string"), "label_id": Value("int64"), "split": Value("string")}))
+        ds = Dataset.from_dict(
+            {
+                "input_ids": [rng.choice(np.arange(2, n_genes + 2), n, replace=False).astype(np.int32) for n in lens],
+                "length": lens.astype(np.int32),
+                "cell_id": [f"c{i}" for i in range(n_cells)],
+                "label": [str(x) for x in labels],
+                "label_id": labels,
+                "split": ["train"] * n_cells,
+            },
+            features=Features(
+                {
+                    "input_ids": Sequence(Value("int32")),
+                    "length": Value("int32"),
+                    "cell_id": Value("string"),
+                    "label": Value("string"),
+                    "label_id": Value("int64"),
+                    "split": Value("string"),
+                }
+            ),
+        )
         ds.save_to_disk(str(shard))
         (run_dir / "tokenized" / "labels.json").write_text(json.dumps({str(i): i for i in range(10)}))
     return run_dir, cache
@@ -67,7 +92,8 @@ def synthetic_run(n_cells: int, n_genes: int, input_size: int, layers: int, seed
 
 def demo_run() -> tuple[Path, Path]:
     """The latest demo run folder (make demo) and its model cache."""
-    runs_ = sorted((ROOT / "outputs" / "demo").glob("*/tokenized/shard-00000-of-00001"), key=lambda p: p.stat().st_mtime)
+    shards = (ROOT / "outputs" / "demo").glob("*/tokenized/shard-00000-of-00001")
+    runs_ = sorted(shards, key=lambda p: p.stat().st_mtime)
     if not runs_:
         sys.exit("no tokenized demo run: run `make demo` first")
     return runs_[-1].parent.parent, ROOT / "outputs" / "models" / "demo"
@@ -76,11 +102,18 @@ def demo_run() -> tuple[Path, Path]:
 def params_for(cache: Path, device: str, precision: str, bs: int):
     from helical_workflow.params import GENEFORMER_MODELS, Params, Profile
 
-    p = Params.model_validate({"experiment": "bench", "data": {"path": "unused.h5ad", "label_key": "x"},
-                               "model": {"name": "gf-6L-10M-i2048", "source": "local_tiny", "cache_dir": str(cache)},
-                               "fine_tune": {"epochs": 1, "batch_size": bs, "learning_rate": 1e-4}})
+    p = Params.model_validate(
+        {
+            "experiment": "bench",
+            "data": {"path": "unused.h5ad", "label_key": "x"},
+            "model": {"name": "gf-6L-10M-i2048", "source": "local_tiny", "cache_dir": str(cache)},
+            "fine_tune": {"epochs": 1, "batch_size": bs, "learning_rate": 1e-4},
+        }
+    )
     assert "gf-6L-10M-i2048" in GENEFORMER_MODELS
-    prof = Profile(device=device, gpus=1 if device == "cuda" else 0, precision=precision, batch_size=bs, cpus=os.cpu_count())
+    prof = Profile(
+        device=device, gpus=1 if device == "cuda" else 0, precision=precision, batch_size=bs, cpus=os.cpu_count()
+    )
     return p.model_copy(update={"profiles": {"cpu": prof}, "project_root": str(ROOT)})
 
 
@@ -96,12 +129,12 @@ def bench_ours(run_dir: Path, cache: Path, device: str, precision: str, bs: int)
     import torch
 
     from helical_workflow import model as model_mod
+    from helical_workflow import modeling, train
     from helical_workflow import tokenize as tok
-    from helical_workflow import train
 
     params = params_for(cache, device, precision, bs)
     ds = tok.load_tokenized(run_dir)
-    store = train.TokenStore(ds)
+    store = modeling.TokenStore(ds)
     labels = tok.read_labels(run_dir)
     idx = np.nonzero(store.split == "train")[0]
     torch.manual_seed(0)
@@ -109,13 +142,10 @@ def bench_ours(run_dir: Path, cache: Path, device: str, precision: str, bs: int)
     tmp_run = WORK / f"ours-{precision}-{os.getpid()}"
     tmp_run.mkdir(parents=True, exist_ok=True)
     setup = train.TrainSetup(params, tmp_run, device, precision, bs)
-    import helical_workflow.train as T
-
-    T._log_epoch = lambda *a, **k: None  # no MLflow in the benchmark
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    train.train_loop(setup, model, store, idx, np.zeros(0, np.int64), len(labels))
+    train.train_loop(setup, model, store, idx, np.zeros(0, np.int64), len(labels))  # no logger: no MLflow
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -140,8 +170,9 @@ def bench_helical(run_dir: Path, cache: Path, device: str, bs: int) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    model.train(train_dataset=train_ds, label="label_id", epochs=1, freeze_layers=0, optimizer_params={"lr": 1e-4},
-                silent=True)
+    model.train(
+        train_dataset=train_ds, label="label_id", epochs=1, freeze_layers=0, optimizer_params={"lr": 1e-4}, silent=True
+    )
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -151,8 +182,11 @@ def bench_helical(run_dir: Path, cache: Path, device: str, bs: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--synthetic", action="store_true",
-                    help="CPU: synthetic cells over a 20k-gene vocabulary, lengths 64-512 (instead of the demo run)")
+    ap.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="CPU: synthetic cells over a 20k-gene vocabulary, lengths 64-512 (instead of the demo run)",
+    )
     ap.add_argument("--cells", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -169,7 +203,10 @@ def main() -> None:
         bs = args.batch_size or 10
     if args.one:
         kind, prec = args.one.split(":")
-        r = bench_helical(run_dir, cache, device, bs) if kind == "helical" else bench_ours(run_dir, cache, device, prec, bs)
+        if kind == "helical":
+            r = bench_helical(run_dir, cache, device, bs)
+        else:
+            r = bench_ours(run_dir, cache, device, prec, bs)
         print(json.dumps(r))
         return
     import subprocess
@@ -192,7 +229,9 @@ def main() -> None:
     print(f"{'loop':22s} {'cells':>6s} {'seconds':>8s} {'cells/s':>9s} {'peak MB':>9s} {'vs helical':>10s}")
     for name, r in res.items():
         ratio = f"{r['cells_per_s'] / ref['cells_per_s']:.2f}x" if ref else "-"
-        print(f"{name:22s} {r['cells']:6d} {r['seconds']:8.1f} {r['cells_per_s']:9.1f} {r['peak_mb']:9.0f} {ratio:>10s}")
+        print(
+            f"{name:22s} {r['cells']:6d} {r['seconds']:8.1f} {r['cells_per_s']:9.1f} {r['peak_mb']:9.0f} {ratio:>10s}"
+        )
 
 
 if __name__ == "__main__":

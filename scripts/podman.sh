@@ -21,12 +21,25 @@ default_ulimits = ["nofile=20000:20000", "nproc=20000:20000"]
 CONF
 }
 
+# The Debian mirror this machine's apt uses (deb822 sources first, then sources.list), so the base
+# image follows whatever mirror the machine is set up with. DEBIAN_MIRROR overrides it.
+mirror() {
+  if [ -n "${DEBIAN_MIRROR:-}" ]; then echo "$DEBIAN_MIRROR"; return; fi
+  local m=""
+  m=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) if ($i !~ /security/) {print $i; exit}}' \
+        /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)
+  [ -n "$m" ] || m=$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' \
+        /etc/apt/sources.list 2>/dev/null | head -n1)
+  [ -n "$m" ] || { echo "no Debian mirror found in /etc/apt/sources.list(.d); set DEBIAN_MIRROR" >&2; return 1; }
+  echo "$m"
+}
+
 base() {
   conf
   if podman image exists localhost/bookworm-base; then return; fi
   local rootfs="$STATE/rootfs"
   rm -rf "$rootfs"
-  debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+  debootstrap --variant=minbase bookworm "$rootfs" "$(mirror)" >/dev/null
   tar -C "$rootfs" -c . | podman import - localhost/bookworm-base >/dev/null
   rm -rf "$rootfs"
 }

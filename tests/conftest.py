@@ -80,3 +80,24 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
 def _demo_data_exists():
     if not DEMO_DATA.exists():
         subprocess.run([sys.executable, "-m", "helical_workflow.cli", "demo-data", "--out", str(DEMO_DATA)], check=True)
+
+
+def cli(*args, **kw) -> subprocess.CompletedProcess:
+    """`helical-workflow ARGS` in the kernel environment (what the README's commands run)."""
+    return run([KERNEL_PY, "-m", "helical_workflow.cli", *args], **kw)
+
+
+def airflow_home(tmp_path: Path, workflow_env: dict[str, str], params_dir: Path, **extra: str) -> dict[str, str]:
+    """An environment with its own Airflow home (migrated SQLite DB) whose DAGs come from ``params_dir``."""
+    env = {
+        **workflow_env,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "HELICAL_WORKFLOW_PARAMS_DIR": str(params_dir),
+        "PATH": f"{AIRFLOW_BIN}:{os.environ['PATH']}",
+        **extra,
+    }
+    r = run([AIRFLOW_BIN / "airflow", "db", "migrate"], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return env

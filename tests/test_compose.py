@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
@@ -21,9 +22,24 @@ def test_compose_file_matches_the_compose_specification():
 def test_compose_has_every_service_and_no_secret_defaults():
     spec = yaml.safe_load(COMPOSE.read_text())
     services = set(spec["services"])
-    assert services >= {"postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                        "airflow-triggerer", "mlflow", "jupyterlab", "prometheus", "pushgateway", "statsd-exporter",
-                        "cadvisor", "node-exporter", "dcgm-exporter", "grafana", "docker-socket-proxy"}
+    assert services >= {
+        "postgres",
+        "airflow-init",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "mlflow",
+        "jupyterlab",
+        "prometheus",
+        "pushgateway",
+        "statsd-exporter",
+        "cadvisor",
+        "node-exporter",
+        "dcgm-exporter",
+        "grafana",
+        "docker-socket-proxy",
+    }
     text = COMPOSE.read_text()
     used = set(re.findall(r"\$\{([A-Z_]+)", text))
     documented = set(re.findall(r"^([A-Z_]+)=", (ROOT / "compose" / ".env.example").read_text(), re.M))
@@ -39,8 +55,11 @@ def test_compose_has_every_service_and_no_secret_defaults():
 
 
 def test_dockerfiles_pass_hadolint():
-    files = [ROOT / "kernels_image" / "Dockerfile", ROOT / "compose" / "airflow.Dockerfile",
-             ROOT / "compose" / "mlflow.Dockerfile"]
+    files = [
+        ROOT / "kernels_image" / "Dockerfile",
+        ROOT / "compose" / "airflow.Dockerfile",
+        ROOT / "compose" / "mlflow.Dockerfile",
+    ]
     r = run([TOOLS / "hadolint", *files])
     assert r.returncode == 0, r.stdout + r.stderr
     kernel = files[0].read_text()
@@ -50,9 +69,15 @@ def test_dockerfiles_pass_hadolint():
 def test_dashboard_is_valid_and_provisioned():
     dash = json.loads((ROOT / "compose" / "grafana" / "dashboards" / "helical-workflow.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    for needed in ("airflow_ti_finish", "airflow_dagrun_duration_seconds", "container_cpu_usage_seconds_total",
-                   "container_memory_working_set_bytes", "DCGM_FI_DEV_GPU_UTIL", "helical_stage_duration_seconds",
-                   "helical_model_macro_f1"):
+    for needed in (
+        "airflow_ti_finish",
+        "airflow_dagrun_duration_seconds",
+        "container_cpu_usage_seconds_total",
+        "container_memory_working_set_bytes",
+        "DCGM_FI_DEV_GPU_UTIL",
+        "helical_stage_duration_seconds",
+        "helical_model_macro_f1",
+    ):
         assert any(needed in e for e in exprs), needed
     prov = yaml.safe_load((ROOT / "compose" / "grafana" / "provisioning" / "dashboards" / "dashboards.yml").read_text())
     assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
@@ -70,7 +95,7 @@ for t in dag.tasks:
     d = {"kind": kind}
     if kind == "DockerStageOperator":
         d.update(image=t.image, command=t.command, mem_limit=t.mem_limit, cpus=t.cpus, auto_remove=t.auto_remove,
-                 name=t.container_name, user=t.user,
+                 name=t.container_name, user=t.user, env=t.environment,
                  mounts=[(m["Target"], m["ReadOnly"]) for m in t.mounts],
                  gpus=[r["Count"] for r in (t.device_requests or [])], pool=t.pool)
     elif kind == "KubernetesPodOperator":
@@ -79,34 +104,52 @@ for t in dag.tasks:
         d.update(limits=c.resources.limits, node_selector=pod.spec.node_selector,
                  tolerations=[x.to_dict() for x in pod.spec.tolerations or []],
                  volumes=[(v.name, v.persistent_volume_claim.read_only) for v in pod.spec.volumes],
-                 run_as_user=pod.spec.security_context.run_as_user, args=c.args, pool=t.pool)
+                 run_as_user=pod.spec.security_context.run_as_user, args=c.args, cmds=c.command, pool=t.pool,
+                 image=c.image, env={e.name: e.value for e in c.env or []})
     out[t.task_id] = d
 print(json.dumps(out, default=str))
 """
 
 
 def test_docker_and_kubernetes_launchers_from_profiles(tmp_path, model_cache, workflow_env):
-    p = demo_params(tmp_path, model_cache=model_cache, experiment="gpu",
-                    stage_profiles={"fine_tune": "gpu", "evaluate": "gpu-k8s"})
+    p = demo_params(
+        tmp_path, model_cache=model_cache, experiment="gpu", stage_profiles={"fine_tune": "gpu", "evaluate": "gpu-k8s"}
+    )
     p.rename(p.with_name("gpu.yaml"))
     kubeconfig = tmp_path / "kubeconfig"  # rendering a pod needs a config, not a cluster
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": "https://127.0.0.1:1"}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t", "namespace": "ml"}}],
-        "users": [{"name": "t", "user": {"token": "x"}}]}))
-    env = {**workflow_env, "HELICAL_WORKFLOW_PARAMS_DIR": str(p.parent), "AIRFLOW_HOME": str(tmp_path / "af"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "HELICAL_KERNEL_IMAGE": "example/kernels:1",
-           "KUBECONFIG": str(kubeconfig)}
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "t",
+                "clusters": [{"name": "t", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t", "namespace": "ml"}}],
+                "users": [{"name": "t", "user": {"token": "x"}}],
+            }
+        )
+    )
+    env = {
+        **workflow_env,
+        "HELICAL_WORKFLOW_PARAMS_DIR": str(p.parent),
+        "AIRFLOW_HOME": str(tmp_path / "af"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "HELICAL_KERNEL_IMAGE": "example/kernels:1",
+        "KUBECONFIG": str(kubeconfig),
+    }
     r = run([AIRFLOW_BIN / "python", "-c", RENDER, ROOT / "dags"], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     tasks = json.loads(r.stdout.strip().splitlines()[-1])
     assert tasks["load"]["kind"] == "StageOperator"
     ft = tasks["fine_tune"]
     assert ft["kind"] == "DockerStageOperator" and ft["image"] == "example/kernels:1"
-    assert ft["command"][:3] == ["stage", "/opt/helical-workflow/params/gpu.yaml", "fine_tune"]
-    assert ft["mounts"] == [["/opt/helical-workflow/data", True], ["/opt/helical-workflow/outputs", False],
-                            ["/opt/helical-workflow/params", True]]
+    assert ft["command"] == ["stage", "fine_tune", "{{ run_id }}"]
+    assert ft["mounts"] == [["/opt/helical-workflow/data", True], ["/opt/helical-workflow/outputs", False]]
+    # params reach the container in the environment, with the paths the container sees
+    payload = json.loads(base64.b64decode(ft["env"]["HELICAL_PARAMS"]))
+    assert payload["params"]["data"]["path"] == "/opt/helical-workflow/data/pbmc68k_reduced_counts.h5ad"
+    assert payload["params"]["stage_profiles"] == {"fine_tune": "gpu", "evaluate": "gpu-k8s"}
+    assert set(payload["profiles"]) >= {"cpu", "gpu", "gpu-k8s"}
     assert ft["gpus"] == [1] and ft["mem_limit"] == "64g" and ft["cpus"] == 8.0 and ft["pool"] == "gpu"
     assert ft["auto_remove"] == "force" and ft["user"] == "1000"
     assert "ti.try_number" in ft["name"] and "ti.map_index" in ft["name"]
@@ -116,4 +159,6 @@ def test_docker_and_kubernetes_launchers_from_profiles(tmp_path, model_cache, wo
     assert ev["node_selector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert ev["tolerations"][0]["key"] == "nvidia.com/gpu" and ev["tolerations"][0]["effect"] == "NoSchedule"
     assert ev["volumes"] == [["data", True], ["outputs", None]] and ev["run_as_user"] == 1000
-    assert ev["args"][:3] == ["stage", "/opt/helical-workflow/params/gpu.yaml", "evaluate"]
+    # the same image, command and params as the docker launcher
+    assert ev["cmds"] == ["helical-workflow"] and ev["args"] == ["stage", "evaluate", "{{ run_id }}"]
+    assert ev["image"] == ft["image"] and ev["env"]["HELICAL_PARAMS"] == ft["env"]["HELICAL_PARAMS"]

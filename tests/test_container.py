@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from .conftest import AIRFLOW_BIN, DEMO_DATA, ROOT, run
+from .conftest import AIRFLOW_BIN, DEMO_DATA, ROOT, airflow_home, cli, run
 
 pytestmark = pytest.mark.slow
 PODMAN = ["bash", str(ROOT / "scripts" / "podman.sh")]
@@ -57,11 +57,30 @@ def test_demo_dag_runs_in_containers(podman_socket, tmp_path, workflow_env):
         assert (run_dir / "notebooks" / f"{nb}.ipynb").exists() and (run_dir / "reports" / f"{nb}.html").exists()
     assert json.loads((run_dir / "evaluate" / "metrics.json").read_text())["n_cells"] > 0
     assert m["params"]["data"]["path"] == "/opt/helical-workflow/data/pbmc68k_reduced_counts.h5ad"  # ran inside
-    ps = run(["podman", "ps", "-a", "--filter", "name=hw-", "--format", "{{.Names}}"],
-             env={**os.environ, "CONTAINERS_CONF": str(ROOT / ".venv" / "podman" / "containers.conf")})
-    assert ps.stdout.strip() == "", f"containers left behind: {ps.stdout}"
+    ps = _containers()
+    assert ps == "", f"containers left behind: {ps.stdout}"
     (tmp_path / "wall.txt").write_text(f"{wall:.0f}")
     print(f"podman DAG run: {wall:.0f} s")
+
+
+def test_cli_run_honours_the_docker_launcher(podman_socket, tmp_path, workflow_env):
+    """`helical-workflow run` with a cpu-docker profile runs every stage in the kernel image, as the DAG does."""
+    root, env = _docker_project(tmp_path, workflow_env, f"unix://{podman_socket}")
+    r = cli("run", root / "params" / "demo_docker.yaml", "--run-id", "cli-docker", "--quiet", env=env, timeout=1800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    run_dir = root / "outputs" / "demo_docker" / "cli-docker"
+    m = json.loads((run_dir / "run.json").read_text())
+    assert all(m["stages"][s]["status"] == "success" for s in ("load", "tokenize", "fine_tune", "evaluate"))
+    assert m["params"]["data"]["path"] == "/opt/helical-workflow/data/pbmc68k_reduced_counts.h5ad"  # ran inside
+    assert (run_dir / "reports" / "04_evaluate.html").exists()
+    ps = _containers()
+    assert ps == "", f"containers left behind: {ps.stdout}"
+
+
+def _containers() -> str:
+    """The names of the workflow's containers (``hw-*``) Podman still has, running or not."""
+    env = {**os.environ, "CONTAINERS_CONF": str(ROOT / ".venv" / "podman" / "containers.conf")}
+    return run(["podman", "ps", "-a", "--filter", "name=hw-", "--format", "{{.Names}}"], env=env).stdout.strip()
 
 
 def _docker_project(tmp_path, workflow_env, socket_url: str, image: str | None = None):
@@ -76,12 +95,10 @@ def _docker_project(tmp_path, workflow_env, socket_url: str, image: str | None =
     raw.update(experiment="demo_docker", profile="cpu-docker")
     raw["fine_tune"]["epochs"] = 1
     (root / "params" / "demo_docker.yaml").write_text(yaml.safe_dump(raw))
-    env = {**workflow_env, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "HELICAL_WORKFLOW_PARAMS_DIR": str(root / "params"),
-           "HELICAL_WORKFLOW_OUTPUTS": str(root / "outputs"), "DOCKER_HOST": socket_url}
+    extra = {"HELICAL_WORKFLOW_OUTPUTS": str(root / "outputs"), "DOCKER_HOST": socket_url}
     if image:
-        env["HELICAL_KERNEL_IMAGE"] = image
-    assert run([AIRFLOW_BIN / "airflow", "db", "migrate"], env=env).returncode == 0
+        extra["HELICAL_KERNEL_IMAGE"] = image
+    env = airflow_home(tmp_path, workflow_env, root / "params", **extra)
     return root, env
 
 
@@ -97,6 +114,5 @@ def test_missing_image_fails_clearly_and_leaves_no_container(podman_socket, tmp_
     r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_demo_docker"], env=env)
     assert r.returncode != 0
     assert "image 'localhost/no-such-image:1' is not on the Docker host" in r.stdout + r.stderr
-    ps = run(["podman", "ps", "-a", "--filter", "name=hw-", "--format", "{{.Names}}"],
-             env={**os.environ, "CONTAINERS_CONF": str(ROOT / ".venv" / "podman" / "containers.conf")})
-    assert ps.stdout.strip() == ""
+    ps = _containers()
+    assert ps == ""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import yaml
 
-from .conftest import AIRFLOW_BIN, ROOT, demo_params, run
+from .conftest import AIRFLOW_BIN, ROOT, airflow_home, demo_params, run
 
 
 @pytest.fixture
@@ -18,18 +17,7 @@ def airflow_env(tmp_path, model_cache, workflow_env):
     broken["experiment"] = "broken"
     broken["fine_tune"]["epochs"] = "three"
     (params.parent / "broken.yaml").write_text(yaml.safe_dump(broken))
-    home = tmp_path / "airflow"
-    env = {
-        **workflow_env,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "HELICAL_WORKFLOW_PARAMS_DIR": str(params.parent),
-        "PATH": f"{AIRFLOW_BIN}:{os.environ['PATH']}",
-    }
-    r = run([AIRFLOW_BIN / "airflow", "db", "migrate"], env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return env
+    return airflow_home(tmp_path, workflow_env, params.parent)
 
 
 PARSE = r"""

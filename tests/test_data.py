@@ -16,16 +16,19 @@ from .conftest import DEMO_DATA, demo_params
 
 def write_h5ad(path, X, labels=None, **kw):
     n = X.shape[0]
-    obs = pd.DataFrame({"cell_type": labels if labels is not None else ["a", "b"] * (n // 2) + ["a"] * (n % 2)},
-                       index=[f"c{i}" for i in range(n)])
+    obs = pd.DataFrame(
+        {"cell_type": labels if labels is not None else ["a", "b"] * (n // 2) + ["a"] * (n % 2)},
+        index=[f"c{i}" for i in range(n)],
+    )
     var = pd.DataFrame(index=[f"G{j}" for j in range(X.shape[1])])
     anndata.AnnData(X=X, obs=obs, var=var, **kw).write_h5ad(path)
     return path
 
 
 def params_for(tmp_path, model_cache, path, **kw):
-    return load_params(demo_params(tmp_path, model_cache=model_cache, data__path=str(path),
-                                   data__label_key="cell_type", **kw))
+    return load_params(
+        demo_params(tmp_path, model_cache=model_cache, data__path=str(path), data__label_key="cell_type", **kw)
+    )
 
 
 def test_counts_reader_streams_rows_without_loading_everything():
@@ -68,7 +71,9 @@ def test_missing_label_column_lists_the_columns(tmp_path, model_cache):
         data.check_dataset(p)
 
 
-@pytest.mark.parametrize("bad,match", [(-1.0, "negative values"), (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite")])
+@pytest.mark.parametrize(
+    "bad,match", [(-1.0, "negative values"), (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite")]
+)
 def test_bad_values_stop_the_load_stage(tmp_path, model_cache, bad, match):
     X = np.ones((10, 5), dtype=np.float32)
     X[4, 2] = bad
@@ -80,7 +85,8 @@ def test_bad_values_stop_the_load_stage(tmp_path, model_cache, bad, match):
 
 
 def test_empty_dataset(tmp_path, model_cache):
-    p = params_for(tmp_path, model_cache, write_h5ad(tmp_path / "e.h5ad", sp.csr_matrix((0, 5), dtype=np.float32), labels=[]))
+    empty = write_h5ad(tmp_path / "e.h5ad", sp.csr_matrix((0, 5), dtype=np.float32), labels=[])
+    p = params_for(tmp_path, model_cache, empty)
     with pytest.raises(data.DatasetError, match="empty"):
         data.check_dataset(p)
 
@@ -101,7 +107,39 @@ def test_load_stage_writes_split_and_qc(tmp_path, model_cache):
     p = load_params(demo_params(tmp_path, model_cache=model_cache))
     summary = data.load_stage(p, tmp_path / "run")
     split = data.read_split(tmp_path / "run")
-    assert len(split) == 700 and summary["n_labels"] == 10
+    assert len(split) == 700 and summary["n_labels"] == 10 and summary["missing_labels"] == 0
     assert set(split.split) == {"train", "validation", "test"}
     assert summary["split_sizes"]["test"] == (split.split == "test").sum()
     assert (tmp_path / "run" / "load" / "qc.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("missing", [np.nan, ""])
+def test_label_column_without_any_label_is_an_error(tmp_path, model_cache, missing):
+    p = params_for(
+        tmp_path,
+        model_cache,
+        write_h5ad(tmp_path / "n.h5ad", sp.csr_matrix(np.ones((6, 4), np.float32)), labels=[missing] * 6),
+    )
+    with pytest.raises(
+        data.DatasetError,
+        match=r"label column 'cell_type' of n.h5ad has no value for any of its "
+        r"6 cells .*Fix: set data.label_key to a labelled column",
+    ):
+        data.load_stage(p, tmp_path / "run")
+    assert not (tmp_path / "run" / "load").exists()
+
+
+@pytest.mark.parametrize("missing", [None, "", "  "])
+def test_cells_without_a_label_are_counted_and_excluded(tmp_path, model_cache, caplog, missing):
+    labels = ["a", "b", missing, "a", "b", "a", "b", missing] * 5
+    X = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (40, 6)).astype(np.float32) + 1)
+    p = params_for(
+        tmp_path, model_cache, write_h5ad(tmp_path / "m.h5ad", X, labels=labels), data__min_cells_per_class=2
+    )
+    summary = data.load_stage(p, tmp_path / "run")
+    split = data.read_split(tmp_path / "run")
+    gone = np.array([lab is None or not lab.strip() for lab in labels])
+    assert summary["missing_labels"] == 10 and summary["n_labels"] == 2
+    assert (split.split[gone] == "excluded").all() and split.label[gone].isna().all()
+    assert (split.split[~gone] != "excluded").all()
+    assert "'cell_type' of m.h5ad: 10 of 40 cells have no label" in caplog.text

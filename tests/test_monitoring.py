@@ -11,12 +11,11 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import AIRFLOW_BIN, ROOT, demo_params, free_port, run
+from .conftest import AIRFLOW_BIN, ROOT, airflow_home, demo_params, free_port, run
 
 DASHBOARD = ROOT / "compose" / "grafana" / "dashboards" / "helical-workflow.json"
 MAPPING = ROOT / "compose" / "statsd" / "mapping.yml"
@@ -28,8 +27,10 @@ def statsd_map(name: str, mapping: dict) -> tuple[str, dict[str, str]] | None:
         rx = "^" + re.escape(rule["match"]).replace(r"\*", r"([^.]+)") + "$"
         m = re.match(rx, name)
         if m:
-            labels = {k: re.sub(r"\$(\d+)", lambda g: m.group(int(g.group(1))), v)
-                      for k, v in (rule.get("labels") or {}).items()}
+            labels = {
+                k: re.sub(r"\$(\d+)", lambda g, m=m: m.group(int(g.group(1))), v)
+                for k, v in (rule.get("labels") or {}).items()
+            }
             return rule["name"], labels
     return None
 
@@ -37,9 +38,13 @@ def statsd_map(name: str, mapping: dict) -> tuple[str, dict[str, str]] | None:
 def test_mapping_turns_airflow_names_into_labelled_metrics():
     mapping = yaml.safe_load(MAPPING.read_text())
     assert statsd_map("airflow.ti.finish.helical_demo.load.success", mapping) == (
-        "airflow_ti_finish", {"dag_id": "helical_demo", "task_id": "load", "state": "success"})
+        "airflow_ti_finish",
+        {"dag_id": "helical_demo", "task_id": "load", "state": "success"},
+    )
     assert statsd_map("airflow.dagrun.duration.failed.helical_demo", mapping) == (
-        "airflow_dagrun_duration_seconds", {"dag_id": "helical_demo", "state": "failed"})
+        "airflow_dagrun_duration_seconds",
+        {"dag_id": "helical_demo", "state": "failed"},
+    )
     assert statsd_map("airflow.ti_failures", mapping) == ("airflow_ti_failures", {})
     assert statsd_map("airflow.some.other", mapping) is None
 
@@ -51,12 +56,23 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def source_of(expr: str) -> str:
     """Which exporter a panel's metric comes from."""
-    metric = next((n for n in re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", expr)
-                   if n.startswith(("helical_", "airflow_", "container_", "DCGM_", "node_"))), "")
+    metric = next(
+        (
+            n
+            for n in re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", expr)
+            if n.startswith(("helical_", "airflow_", "container_", "DCGM_", "node_"))
+        ),
+        "",
+    )
     if metric == "helical_train_peak_gpu_memory_bytes":
         return "gpu"
-    return {"helical": "pushgateway", "airflow": "statsd", "container": "cadvisor", "DCGM": "gpu",
-            "node": "node-exporter"}[metric.split("_")[0]]
+    return {
+        "helical": "pushgateway",
+        "airflow": "statsd",
+        "container": "cadvisor",
+        "DCGM": "gpu",
+        "node": "node-exporter",
+    }[metric.split("_")[0]]
 
 
 class StatsdCapture:
@@ -109,21 +125,45 @@ def test_dashboard_queries_return_data_after_a_dag_run(tmp_path, model_cache, wo
     procs = []
     pg, ne, pr = free_port(), free_port(), free_port()
     cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {"job_name": "pushgateway", "honor_labels": True, "static_configs": [{"targets": [f"127.0.0.1:{pg}"]}]},
-            {"job_name": "node", "static_configs": [{"targets": [f"127.0.0.1:{ne}"]}]},
-        ]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {
+                        "job_name": "pushgateway",
+                        "honor_labels": True,
+                        "static_configs": [{"targets": [f"127.0.0.1:{pg}"]}],
+                    },
+                    {"job_name": "node", "static_configs": [{"targets": [f"127.0.0.1:{ne}"]}]},
+                ],
+            }
+        )
+    )
     logs = tmp_path / "logs"
     logs.mkdir()
     try:
         for name, cmd in (
             ("pushgateway", ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{pg}"]),
-            ("node", ["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{ne}",
-                      "--collector.disable-defaults", "--collector.cpu", "--collector.meminfo"]),
-            ("prometheus", ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                            f"--web.listen-address=127.0.0.1:{pr}"]),
+            (
+                "node",
+                [
+                    "prometheus-node-exporter",
+                    f"--web.listen-address=127.0.0.1:{ne}",
+                    "--collector.disable-defaults",
+                    "--collector.cpu",
+                    "--collector.meminfo",
+                ],
+            ),
+            (
+                "prometheus",
+                [
+                    "prometheus",
+                    f"--config.file={cfg}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{pr}",
+                ],
+            ),
         ):
             procs.append(subprocess.Popen(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT))
         wait_http(f"http://127.0.0.1:{pg}/metrics")
@@ -133,14 +173,17 @@ def test_dashboard_queries_return_data_after_a_dag_run(tmp_path, model_cache, wo
         broken = yaml.safe_load(params.read_text())
         broken.update(experiment="broken", profile="no-such-profile")
         (params.parent / "broken.yaml").write_text(yaml.safe_dump(broken))
-        home = tmp_path / "airflow"
         statsd = StatsdCapture()
-        env = {**workflow_env, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-               "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "HELICAL_WORKFLOW_PARAMS_DIR": str(params.parent),
-               "HELICAL_PUSHGATEWAY": f"127.0.0.1:{pg}", "AIRFLOW__METRICS__STATSD_ON": "True",
-               "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1", "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
-               "AIRFLOW__METRICS__STATSD_PREFIX": "airflow"}
-        assert run([AIRFLOW_BIN / "airflow", "db", "migrate"], env=env).returncode == 0
+        env = airflow_home(
+            tmp_path,
+            workflow_env,
+            params.parent,
+            HELICAL_PUSHGATEWAY=f"127.0.0.1:{pg}",
+            AIRFLOW__METRICS__STATSD_ON="True",
+            AIRFLOW__METRICS__STATSD_HOST="127.0.0.1",
+            AIRFLOW__METRICS__STATSD_PORT=str(statsd.port),
+            AIRFLOW__METRICS__STATSD_PREFIX="airflow",
+        )
         r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_demo"], env=env)
         failed = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_broken"], env=env)  # failures are counted too
         time.sleep(1)
@@ -158,8 +201,13 @@ def test_dashboard_queries_return_data_after_a_dag_run(tmp_path, model_cache, wo
                 proven.append(title)
             else:
                 not_here.append((title, src))
-        assert {"Workflow stage duration", "Stage outcome (1 = success)", "Model: test accuracy and macro-F1",
-                "Host CPU busy", "Workflow run duration"} <= set(proven)
+        assert {
+            "Workflow stage duration",
+            "Stage outcome (1 = success)",
+            "Model: test accuracy and macro-F1",
+            "Host CPU busy",
+            "Workflow run duration",
+        } <= set(proven)
         (tmp_path / "proven.json").write_text(json.dumps({"proven": proven, "not_here": not_here}, indent=2))
 
         # Airflow's StatsD: every airflow_* series the dashboard uses is emitted and mapped
@@ -171,7 +219,9 @@ def test_dashboard_queries_return_data_after_a_dag_run(tmp_path, model_cache, wo
         needed = {re.findall(r"airflow_[a-z_]+", e)[0] for _, e in dashboard_queries() if "airflow_" in e}
         scheduler_only = {"airflow_dagrun_duration_seconds"}  # `dags test` runs no scheduler (see FACTS)
         assert needed - scheduler_only <= mapped_names, (needed, sorted(statsd.names)[:50])
-        assert statsd_map("airflow.dagrun.duration.success.helical_demo", mapping)[0] == "airflow_dagrun_duration_seconds"
+        assert (
+            statsd_map("airflow.dagrun.duration.success.helical_demo", mapping)[0] == "airflow_dagrun_duration_seconds"
+        )
     finally:
         for p in procs:
             p.terminate()

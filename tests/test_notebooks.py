@@ -1,5 +1,5 @@
 """Each notebook runs with papermill in the helical-workflow kernel on the demo data, through
-the same launch code the DAG uses; a failing stage is recorded as failed and leaves no output."""
+the same launcher the DAG uses; a failing stage is recorded as failed and leaves no output."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helical_workflow import launch, model, runs
+from helical_workflow import launchers, model, runs, stages
 from helical_workflow.params import load_params
 
-from .conftest import demo_params
+from .conftest import ROOT, demo_params
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +22,35 @@ def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, wo
     params_path = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=2)
     params = load_params(params_path)
     run_dir = None
-    for stage in launch.NOTEBOOKS:
-        res = launch.run_stage(params_path, stage, "nb-test", log_output=False)
+    notebooks_before = sorted(p.name for p in (ROOT / "notebooks").iterdir())
+    for stage in stages.names():
+        res = launchers.run_stage(params_path, stage, "nb-test", log_output=False)
         assert res.status == "success"
         run_dir = res.run_dir
         nb = nbformat.read(res.notebook, as_version=4)
         assert nb.metadata.kernelspec.name == "helical-workflow"
         errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors
-        # the injected parameters point at this run
-        assert any("injected-parameters" in c.metadata.get("tags", []) and str(run_dir) in c.source for c in nb.cells)
-        assert (run_dir / "reports" / res.notebook.with_suffix(".html").name).stat().st_size > 10_000
+        # a clean report: nothing on stderr (warnings, "Loading weights" lines) in a successful run
+        stderr = [o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]
+        assert not stderr, f"{stage}: {stderr}"
+        html = (run_dir / "reports" / res.notebook.with_suffix(".html").name).read_text()
+        assert (
+            len(html) > 10_000
+            and "jp-RenderedText" in html
+            and 'data-mime-type="application/vnd.jupyter.stderr"' not in html
+        )
+        # the injected parameters point at this run's own params
+        assert any(
+            "injected-parameters" in c.metadata.get("tags", []) and str(run_dir / "params") in c.source
+            for c in nb.cells
+        )
         assert (run_dir / "metrics" / f"{stage}.prom").exists()
     manifest = runs.read_manifest(run_dir)
-    assert [manifest["stages"][s]["status"] for s in launch.NOTEBOOKS] == ["success"] * 4
+    assert [manifest["stages"][s]["status"] for s in stages.names()] == ["success"] * 4
+    assert manifest["versions"]["helical"] == "2.2.0" and "warnings" not in manifest
+    # nothing lands in the committed notebooks folder (MLflow's ./mlruns, checkpoints, ...)
+    assert sorted(p.name for p in (ROOT / "notebooks").iterdir()) == notebooks_before
     assert manifest["input"]["sha256"] and manifest["mlflow"]["run_id"]
     assert run_dir.parent == params.outputs_path / "demo"
 
@@ -61,7 +76,7 @@ def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, wo
     for png in ("confusion_matrix.png", "umap.png"):
         assert (ev / png).stat().st_size > 10_000
     # a stage can be re-run alone against the run folder (what a user does in JupyterLab)
-    again = launch.run_stage(params_path, "evaluate", "nb-test", log_output=False)
+    again = launchers.run_stage(params_path, "evaluate", "nb-test", log_output=False)
     assert again.status == "success"
     assert runs.read_manifest(run_dir)["stages"]["evaluate"]["attempt"] == 2
     # model files were loaded from the cache and are still there (helical's downloader never ran)
@@ -70,8 +85,8 @@ def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, wo
 
 def test_failing_stage_keeps_its_notebook_marks_failure_and_blocks_the_next(tmp_path, model_cache, workflow_env):
     params_path = demo_params(tmp_path, model_cache=model_cache, data__label_key="cell_type")
-    with pytest.raises(launch.StageFailed, match="DatasetError.*'cell_type' is not in adata.obs"):
-        launch.run_stage(params_path, "load", "fail-test", log_output=False)
+    with pytest.raises(runs.StageFailed, match="DatasetError.*'cell_type' is not in adata.obs"):
+        launchers.run_stage(params_path, "load", "fail-test", log_output=False)
     run_dir = load_params(params_path).outputs_path / "demo" / "fail-test"
     st = runs.read_manifest(run_dir)["stages"]["load"]
     assert st["status"] == "failed" and "cell_type" in st["error"]
@@ -80,9 +95,12 @@ def test_failing_stage_keeps_its_notebook_marks_failure_and_blocks_the_next(tmp_
     assert (run_dir / "reports" / "01_load.html").exists()
     assert not (run_dir / "load").exists()
     assert "helical_stage_success" in (run_dir / "metrics" / "load_status.prom").read_text()
-    assert 'helical_stage_success{experiment="demo",stage="load"} 0.0' in (run_dir / "metrics" / "load_status.prom").read_text()
-    with pytest.raises(launch.StageFailed, match="needs stage 'load' to have succeeded"):
-        launch.run_stage(params_path, "tokenize", "fail-test", log_output=False)
+    assert (
+        'helical_stage_success{experiment="demo",stage="load"} 0.0'
+        in (run_dir / "metrics" / "load_status.prom").read_text()
+    )
+    with pytest.raises(runs.StageNotReady, match="needs 'load' to have succeeded"):
+        launchers.run_stage(params_path, "tokenize", "fail-test", log_output=False)
 
 
 def test_invalid_params_fail_before_any_compute(tmp_path, model_cache, workflow_env):
@@ -90,5 +108,5 @@ def test_invalid_params_fail_before_any_compute(tmp_path, model_cache, workflow_
 
     params_path = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=-1)
     with pytest.raises(ParamsError, match="fine_tune.epochs"):
-        launch.run_stage(params_path, "load", "bad-params", log_output=False)
+        launchers.run_stage(params_path, "load", "bad-params", log_output=False)
     assert not (tmp_path / "outputs").exists()

@@ -114,8 +114,15 @@ def test_cli_validate_explains_and_exits_nonzero(tmp_path, venv_bin):
     assert r.returncode == 1
     assert "fine_tune.epochs: Input should be greater than or equal to 1 (got 0)" in r.stderr
     assert "fine_tune.bogus: unknown key" in r.stderr
-    ok = run([venv_bin / "helical-workflow", "validate", ROOT / "params" / "demo.yaml",
-              ROOT / "params" / "yolksac_geneformer.yaml", ROOT / "params" / "profiles.yaml"])
+    ok = run(
+        [
+            venv_bin / "helical-workflow",
+            "validate",
+            ROOT / "params" / "demo.yaml",
+            ROOT / "params" / "yolksac_geneformer.yaml",
+            ROOT / "params" / "profiles.yaml",
+        ]
+    )
     assert ok.returncode == 0, ok.stderr
     assert "OK" in ok.stdout and "yolksac_geneformer" in ok.stdout
 

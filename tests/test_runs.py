@@ -1,4 +1,5 @@
-"""Run folders: safe names, atomic stage outputs, a manifest that concurrent writers don't corrupt."""
+"""Run folders: safe names, atomic outputs, a manifest that concurrent writers don't corrupt, and the
+Run object's stage attempts (status, timings, errors, status metrics) without running a notebook."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ from pathlib import Path
 import pytest
 
 from helical_workflow import runs
+from helical_workflow.params import load_params
+from helical_workflow.runs import Run
+
+from .conftest import demo_params
 
 
 def test_airflow_run_ids_become_folder_names():
     assert runs.safe_run_id("manual__2026-11-25T20:28:00.794283+00:00") == "manual__2026-11-25T20_28_00.794283_00_00"
-    assert runs.safe_run_id("scheduled__2026-01-01T00:00:00+00:00") != runs.safe_run_id("scheduled__2026-01-02T00:00:00+00:00")
+    assert runs.safe_run_id("scheduled__2026-01-01T00:00:00+00:00") != runs.safe_run_id(
+        "scheduled__2026-01-02T00:00:00+00:00"
+    )
     with pytest.raises(ValueError):
         runs.safe_run_id(":::")
 
@@ -28,18 +35,31 @@ def test_failed_stage_leaves_previous_output_and_no_partial_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tokenized"]
 
 
+def test_atomic_file_write_keeps_the_old_file_on_error(tmp_path):
+    target = runs.write_json(tmp_path / "m.json", {"a": 1})
+    with pytest.raises(OSError):
+        with runs.atomic(target) as tmp:
+            tmp.write_text("{half")
+            raise OSError("disk full")
+    assert target.read_text().strip().startswith("{") and '"a": 1' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
 def test_missing_upstream_output_names_the_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="'load' stage has not completed"):
-        runs.require_stage_output(tmp_path, "load", "load")
+        runs.require_stage_output(tmp_path, "load")
+    with pytest.raises(FileNotFoundError, match="'tokenize' stage has not completed"):
+        runs.require_stage_output(tmp_path, "tokenized")
 
 
 def _bump(run_dir: str, stage: str, n: int) -> None:
     for i in range(n):
-        runs.set_stage(Path(run_dir), stage, count=i + 1)
+        runs.update_manifest(
+            Path(run_dir), lambda m, i=i: m.setdefault("stages", {}).setdefault(stage, {}).update(count=i + 1)
+        )
 
 
 def test_concurrent_manifest_updates_are_all_kept(tmp_path):
-    runs.init_run(tmp_path, experiment="e", run_id="r", params_snapshot={})
     procs = [mp.get_context("fork").Process(target=_bump, args=(str(tmp_path), f"s{i}", 30)) for i in range(4)]
     for p in procs:
         p.start()
@@ -47,3 +67,46 @@ def test_concurrent_manifest_updates_are_all_kept(tmp_path):
         p.join()
     stages = runs.read_manifest(tmp_path)["stages"]
     assert {k: v["count"] for k, v in stages.items()} == {f"s{i}": 30 for i in range(4)}
+
+
+def _no_finalize(a: runs.Attempt) -> None:
+    pass
+
+
+def test_attempts_record_status_timings_errors_and_metrics(tmp_path, model_cache, workflow_env):
+    params = load_params(demo_params(tmp_path, model_cache=model_cache, tokenize__shards=2))
+    run = Run.open(params, "r1")
+    assert run.dir == params.outputs_path / "demo" / "r1"
+    # the run carries its own params (absolute paths): what notebooks and containers read
+    copy = load_params(run.params_file)
+    assert copy.data_path == params.data_path and copy.tokenize.shards == 2 and copy.profiles == params.profiles
+
+    with run.attempt("load", finalize=_no_finalize) as a:
+        assert run.record("load")["status"] == "running"
+    assert a.status == "success" and run.record("load")["attempt"] == 1
+    with pytest.raises(runs.StageNotReady, match=r"tokenize.shard-00001-of-00002: not run"):
+        with run.attempt("fine_tune", finalize=_no_finalize):
+            pass
+    with run.attempt("tokenize", "0/2", finalize=_no_finalize):
+        pass
+    with pytest.raises(ZeroDivisionError):
+        with run.attempt("tokenize", "1/2", finalize=_no_finalize):
+            raise ZeroDivisionError("division by zero")
+    rec = run.record("tokenize.shard-00001-of-00002")
+    assert rec["status"] == "failed" and "ZeroDivisionError" in rec["error"] and rec["seconds"] >= 0
+    status = (run.dir / "metrics" / "tokenize.shard-00001-of-00002_status.prom").read_text()
+    assert 'helical_stage_success{experiment="demo",stage="tokenize"} 0.0' in status
+    assert 'helical_stage_runs_total{experiment="demo",stage="tokenize",status="failed"} 1.0' in status
+    with run.attempt("tokenize", "1/2", finalize=_no_finalize):
+        pass
+    assert run.record("tokenize.shard-00001-of-00002")["attempt"] == 2
+
+
+def test_an_unreachable_pushgateway_is_a_warning_not_a_failure(tmp_path, model_cache, workflow_env, monkeypatch):
+    monkeypatch.setenv("HELICAL_PUSHGATEWAY", "127.0.0.1:9")  # nothing listens on the discard port
+    run = Run.open(demo_params(tmp_path, model_cache=model_cache), "r2")
+    with run.attempt("load", finalize=_no_finalize):
+        pass
+    assert run.record("load")["status"] == "success"
+    assert any("Pushgateway" in w for w in run.manifest["warnings"])
+    assert (run.dir / "metrics" / "load_status.prom").exists()

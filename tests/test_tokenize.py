@@ -13,6 +13,9 @@ import scipy.sparse as sp
 from datasets import load_from_disk
 
 from helical_workflow import tokenize as tok
+from helical_workflow.data import DatasetError
+from helical_workflow.model import write_dictionaries
+from helical_workflow.stages import Shard
 
 
 def make_dicts(tmp: Path, n_genes: int, *, special: bool, seed: int, tie_medians: bool = True) -> Path:
@@ -26,25 +29,45 @@ def make_dicts(tmp: Path, n_genes: int, *, special: bool, seed: int, tie_medians
     medians = dict(zip(ids, med.astype(float)))
     mapping = {g: g for g in ids}
     mapping.update({f"SYM{i}": g for i, g in enumerate(ids)})
-    d = tmp / ("v2" if special else "v1")
-    d.mkdir(parents=True, exist_ok=True)
-    for name, obj in (("token_dictionary.pkl", token), ("gene_median_dictionary.pkl", medians),
-                      ("ensembl_mapping_dict.pkl", mapping)):
-        with open(d / name, "wb") as f:
-            pickle.dump(obj, f)
-    return d
+    return write_dictionaries(tmp / ("v2" if special else "v1"), token=token, medians=medians, mapping=mapping)
 
 
-def make_h5ad(path: Path, *, n_cells: int, n_genes: int, seed: int, dense: bool = False, n_counts: bool = False,
-              filter_pass: bool = False, duplicates: bool = False, unmapped: int = 5, dtype=np.float32,
-              zero_cells: int = 0, lognorm: bool = False, unsorted: bool = False) -> anndata.AnnData:
+def tokenize_ensembl(h5: Path, out: Path, d: Path, **kw):
+    """``tokenize_h5ad`` on generated data: the v1 model, genes by Ensembl id in ``var["ensembl_id"]``."""
+    return tok.tokenize_h5ad(
+        h5, out, model_name="gf-6L-10M-i2048", dict_dir=d, gene_id_type="ensembl", gene_names="ensembl_id", **kw
+    )
+
+
+def make_h5ad(
+    path: Path,
+    *,
+    n_cells: int,
+    n_genes: int,
+    seed: int,
+    dense: bool = False,
+    n_counts: bool = False,
+    filter_pass: bool = False,
+    duplicates: bool = False,
+    unmapped: int = 5,
+    dtype=np.float32,
+    zero_cells: int = 0,
+    lognorm: bool = False,
+    unsorted: bool = False,
+) -> anndata.AnnData:
     rng = np.random.default_rng(seed)
-    X = sp.random(n_cells, n_genes, density=0.3, format="csr", random_state=seed,
-                  data_rvs=lambda k: rng.integers(1, 6, k)).astype(dtype)
+    X = sp.random(
+        n_cells, n_genes, density=0.3, format="csr", random_state=seed, data_rvs=lambda k: rng.integers(1, 6, k)
+    ).astype(dtype)
     if unsorted:  # same matrix, column indices stored in reverse within each row
-        X = sp.csr_matrix((np.concatenate([X.data[X.indptr[r]:X.indptr[r + 1]][::-1] for r in range(n_cells)]),
-                           np.concatenate([X.indices[X.indptr[r]:X.indptr[r + 1]][::-1] for r in range(n_cells)]),
-                           X.indptr), shape=X.shape)
+        X = sp.csr_matrix(
+            (
+                np.concatenate([X.data[X.indptr[r] : X.indptr[r + 1]][::-1] for r in range(n_cells)]),
+                np.concatenate([X.indices[X.indptr[r] : X.indptr[r + 1]][::-1] for r in range(n_cells)]),
+                X.indptr,
+            ),
+            shape=X.shape,
+        )
         assert not X.has_sorted_indices
     if lognorm:  # like pbmc68k_reduced's expm1(raw.X): per-10k normalised, non-integer values
         tot = np.asarray(X.sum(axis=1)).ravel()
@@ -75,10 +98,14 @@ def make_h5ad(path: Path, *, n_cells: int, n_genes: int, seed: int, dense: bool 
 def helical_tokens(ad: anndata.AnnData, d: Path, *, input_size: int, special: bool):
     from helical.models.geneformer.geneformer_tokenizer import TranscriptomeTokenizer
 
-    tk = TranscriptomeTokenizer(custom_attr_name_dict={"cell_type": "cell_type"}, model_input_size=input_size,
-                                special_token=special, gene_median_file=d / "gene_median_dictionary.pkl",
-                                token_dictionary_file=d / "token_dictionary.pkl",
-                                gene_mapping_file=d / "ensembl_mapping_dict.pkl")
+    tk = TranscriptomeTokenizer(
+        custom_attr_name_dict={"cell_type": "cell_type"},
+        model_input_size=input_size,
+        special_token=special,
+        gene_median_file=d / "gene_median_dictionary.pkl",
+        token_dictionary_file=d / "token_dictionary.pkl",
+        gene_mapping_file=d / "ensembl_mapping_dict.pkl",
+    )
     cells, meta = tk.tokenize_anndata(ad.copy())
     ds = tk.create_dataset(cells, meta)
     return [list(map(int, x)) for x in ds["input_ids"]], list(ds["length"]), list(ds["cell_type"])
@@ -100,17 +127,23 @@ CASES = [
     # distinct gene medians (as in Geneformer's dictionaries): most cells have no tied values
     ("distinct-medians", dict(n_cells=300, n_genes=400, seed=12, medians="distinct"), False, 2048),
     ("distinct-medians-v2-truncated", dict(n_cells=200, n_genes=500, seed=13, medians="distinct"), True, 100),
-    ("distinct-medians-filter-ncounts", dict(n_cells=300, n_genes=300, seed=14, medians="distinct", filter_pass=True,
-                                             n_counts=True, dtype=np.float64), False, 2048),
+    (
+        "distinct-medians-filter-ncounts",
+        dict(n_cells=300, n_genes=300, seed=14, medians="distinct", filter_pass=True, n_counts=True, dtype=np.float64),
+        False,
+        2048,
+    ),
     ("unsorted-indices", dict(n_cells=150, n_genes=200, seed=15, unsorted=True), False, 2048),
 ]
 
 
 @pytest.mark.parametrize("name,kw,special,input_size", CASES, ids=[c[0] for c in CASES])
-def test_tokens_identical_to_helical(tmp_path, name, kw, special, input_size):
+def test_tokens_identical_to_helical(tmp_path, monkeypatch, name, kw, special, input_size):
+    monkeypatch.setattr(tok.write, "SHARD_BYTES", 4_000)  # a dataset saved as many files, by worker processes
     kw = dict(kw)
-    d = make_dicts(tmp_path, kw["n_genes"], special=special, seed=kw["seed"],
-                   tie_medians=kw.pop("medians", "tied") == "tied")
+    d = make_dicts(
+        tmp_path, kw["n_genes"], special=special, seed=kw["seed"], tie_medians=kw.pop("medians", "tied") == "tied"
+    )
     h5 = tmp_path / "x.h5ad"
     ad = make_h5ad(h5, **kw)
     ref_ids, ref_len, ref_lab = helical_tokens(ad, d, input_size=input_size, special=special)
@@ -118,16 +151,32 @@ def test_tokens_identical_to_helical(tmp_path, name, kw, special, input_size):
     tk = tok.RankValueTokenizer.from_files(d, input_size=input_size, special_token=special)
     names = list(ad.var["ensembl_id"])
     rows = np.nonzero(ad.obs["filter_pass"].to_numpy() == 1)[0] if "filter_pass" in ad.obs else np.arange(ad.n_obs)
-    res = tok.tokenize_rows(h5, tmp_path / "out", tk, counts="X", ensembl_ids=names, gene_names=names, rows=rows,
-                            columns={"cell_type": ad.obs["cell_type"].to_numpy(dtype=object)[rows]},
-                            n_counts=ad.obs["n_counts"].to_numpy()[rows] if "n_counts" in ad.obs else None,
-                            workers=2, chunk_size=64)
+    res = tok.tokenize_rows(
+        h5,
+        tmp_path / "out",
+        tk,
+        counts="X",
+        ensembl_ids=names,
+        gene_names=names,
+        rows=rows,
+        columns={"cell_type": ad.obs["cell_type"].to_numpy(dtype=object)[rows]},
+        n_counts=ad.obs["n_counts"].to_numpy()[rows] if "n_counts" in ad.obs else None,
+        workers=2,
+        chunk_size=64,
+    )
     ours = load_from_disk(str(res.out_dir))
     assert res.cells == len(ref_ids)
     assert [list(x) for x in ours["input_ids"]] == ref_ids
     assert list(ours["length"]) == ref_len
     assert list(ours["cell_type"]) == ref_lab
     assert model  # both model kinds are covered by the cases
+    # written by datasets' save_to_disk; the workers' files are gone
+    files = sorted(p.name for p in res.out_dir.iterdir())
+    n = len(files) - 2
+    assert n >= 2 and files == [f"data-{k:05d}-of-{n:05d}.arrow" for k in range(n)] + [
+        "dataset_info.json",
+        "state.json",
+    ]
 
 
 def test_cli_entry_matches_helical_with_symbols_and_shards(tmp_path):
@@ -140,16 +189,15 @@ def test_cli_entry_matches_helical_with_symbols_and_shards(tmp_path):
     ref_ids, _, _ = helical_tokens(ad, d, input_size=2048, special=False)
     from helical_workflow.cli import main
 
-    assert main(["tokenize", str(h5), str(tmp_path / "all"), "--model", "gf-6L-10M-i2048", "--model-dir", str(d),
-                 "--label-key", "cell_type"]) == 0
+    args = ["tokenize", str(h5), "--model", "gf-6L-10M-i2048", "--model-dir", str(d), "--label-key", "cell_type"]
+    assert main([*args[:2], str(tmp_path / "all"), *args[2:]]) == 0
     whole = load_from_disk(str(tmp_path / "all"))
     assert [list(x) for x in whole["input_ids"]] == ref_ids
     assert list(whole["cell_id"]) == list(ad.obs_names)
     for i in range(3):
-        assert main(["tokenize", str(h5), str(tmp_path / "sharded"), "--model", "gf-6L-10M-i2048", "--model-dir",
-                     str(d), "--label-key", "cell_type", "--shard", f"{i}/3"]) == 0
+        assert main([*args[:2], str(tmp_path / "sharded"), *args[2:], "--shard", f"{i}/3"]) == 0
     parts = [load_from_disk(str(p)) for p in sorted((tmp_path / "sharded").iterdir())]
-    assert [len(p) for p in parts] == [133, 134, 133]
+    assert [len(p) for p in parts] == [133, 133, 134]  # stages.Shard.bounds
     assert sum(([list(x) for x in p["input_ids"]] for p in parts), []) == ref_ids
     assert sum((list(p["cell_id"]) for p in parts), []) == list(ad.obs_names)
 
@@ -158,8 +206,7 @@ def test_zero_count_cells_are_dropped_and_counted(tmp_path):
     d = make_dicts(tmp_path, 100, special=False, seed=3)
     h5 = tmp_path / "z.h5ad"
     make_h5ad(h5, n_cells=50, n_genes=100, seed=3, zero_cells=4)
-    res = tok.tokenize_h5ad(h5, tmp_path / "o", model_name="gf-6L-10M-i2048", dict_dir=d, gene_id_type="ensembl",
-                            gene_names="ensembl_id")
+    res = tokenize_ensembl(h5, tmp_path / "o", d)
     assert res.cells == 46 and res.dropped_zero_count == 4
     assert "cell0" not in load_from_disk(str(tmp_path / "o"))["cell_id"]
 
@@ -176,7 +223,7 @@ def test_collapse_where_helical_fails(tmp_path):
     X = sp.csr_matrix(np.tile(np.arange(1, 21, dtype=np.float32), (3, 1)))
     plan = tk.plan(ids)
     flat, offsets, _ = tk.encode_block(X, plan)
-    first = flat[offsets[0]:offsets[1]]
+    first = flat[offsets[0] : offsets[1]]
     assert len(first) == 19 and len(set(first.tolist())) == 19  # ENSGOLD summed into ENSG...02
     assert tk.token_dict["ENSG00000000002"] in first
 
@@ -189,15 +236,18 @@ def test_bad_values(tmp_path, value, match):
     ad = anndata.AnnData(X=sp.csr_matrix(X), var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(30)]))
     ad.write_h5ad(tmp_path / "b.h5ad")
     with pytest.raises(tok.TokenizeError, match=match):
-        tok.tokenize_h5ad(tmp_path / "b.h5ad", tmp_path / "o", model_name="gf-6L-10M-i2048", dict_dir=d,
-                          gene_id_type="ensembl")
+        tok.tokenize_h5ad(
+            tmp_path / "b.h5ad", tmp_path / "o", model_name="gf-6L-10M-i2048", dict_dir=d, gene_id_type="ensembl"
+        )
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp*"))
 
 
 def test_no_mapped_genes_reports_coverage(tmp_path):
     d = make_dicts(tmp_path, 30, special=False, seed=0)
-    ad = anndata.AnnData(X=sp.csr_matrix(np.ones((4, 6), np.float32)),
-                         var=pd.DataFrame(index=["Actb", "Gapdh", "Xist", "Cd3e", "Cd19", "Ms4a1"]))
+    ad = anndata.AnnData(
+        X=sp.csr_matrix(np.ones((4, 6), np.float32)),
+        var=pd.DataFrame(index=["Actb", "Gapdh", "Xist", "Cd3e", "Cd19", "Ms4a1"]),
+    )
     ad.write_h5ad(tmp_path / "mouse.h5ad")
     with pytest.raises(tok.TokenizeError, match=r"none of the 6 genes .* in vocabulary: 0; examples: Actb, Gapdh"):
         tok.tokenize_h5ad(tmp_path / "mouse.h5ad", tmp_path / "o", model_name="gf-6L-10M-i2048", dict_dir=d)
@@ -208,11 +258,8 @@ def test_missing_label_and_broken_file(tmp_path):
     h5 = tmp_path / "x.h5ad"
     make_h5ad(h5, n_cells=10, n_genes=30, seed=0)
     with pytest.raises(tok.TokenizeError, match="label column 'celltype' is not in obs.*cell_type"):
-        tok.tokenize_h5ad(h5, tmp_path / "o", model_name="gf-6L-10M-i2048", dict_dir=d, label_key="celltype",
-                          gene_names="ensembl_id", gene_id_type="ensembl")
+        tokenize_ensembl(h5, tmp_path / "o", d, label_key="celltype")
     (tmp_path / "t.h5ad").write_bytes(h5.read_bytes()[:2000])
-    from helical_workflow.data import DatasetError
-
     with pytest.raises(DatasetError, match="truncated"):
         tok.tokenize_h5ad(tmp_path / "t.h5ad", tmp_path / "o", model_name="gf-6L-10M-i2048", dict_dir=d)
 
@@ -226,15 +273,19 @@ def test_stage_streaming_shards_equal_helical_reference_on_demo_data(tmp_path, m
 
     results = {}
     for impl, shards in (("helical", 1), ("streaming", 2)):
-        p = load_params(demo_params(tmp_path / impl, model_cache=model_cache, tokenize__implementation=impl,
-                                    tokenize__shards=shards))
+        p = load_params(
+            demo_params(
+                tmp_path / impl, model_cache=model_cache, tokenize__implementation=impl, tokenize__shards=shards
+            )
+        )
         run_dir = tmp_path / impl / "run"
         data.load_stage(p, run_dir)
         for i in range(shards):
-            summary = tok.tokenize_stage(p, run_dir, f"{i}/{shards}" if shards > 1 else None)
+            summary = tok.tokenize_stage(p, run_dir, Shard(i, shards) if shards > 1 else None)
             assert summary["gene_coverage"]["in_vocabulary"] == 765
         ds = tok.load_tokenized(run_dir, expected=shards)
-        results[impl] = {c: (list(ids), lab, s) for c, ids, lab, s in zip(ds["cell_id"], ds["input_ids"], ds["label_id"], ds["split"])}
+        rows = zip(ds["cell_id"], ds["input_ids"], ds["label_id"], ds["split"])
+        results[impl] = {c: (list(ids), lab, s) for c, ids, lab, s in rows}
     assert len(results["streaming"]) == 700
     assert results["streaming"] == results["helical"]
 
@@ -246,8 +297,9 @@ def test_compiled_path_equals_general_path(tmp_path, dtype):
     d = make_dicts(tmp_path, n_genes, special=True, seed=1, tie_medians=False)
     tk = tok.RankValueTokenizer.from_files(d, input_size=64, special_token=True)
     rng = np.random.default_rng(1)
-    X = sp.random(n_cells, n_genes, density=0.2, format="csr", random_state=1,
-                  data_rvs=lambda k: rng.integers(1, 9, k)).astype(dtype)
+    X = sp.random(
+        n_cells, n_genes, density=0.2, format="csr", random_state=1, data_rvs=lambda k: rng.integers(1, 9, k)
+    ).astype(dtype)
     ids = [f"ENSG{i:011d}" for i in range(n_genes)]
     tk.median_dict.update({g: 2.5 for g in ids[20:30]})  # a few genes share a median: some cells tie
     ids[10] = "NOTAGENE"
@@ -262,8 +314,9 @@ def test_compiled_path_equals_general_path(tmp_path, dtype):
                 sub = block if selected is None else block[selected]
                 nc_sub = None if n_counts is None else n_counts if selected is None else n_counts[selected]
                 want = tk.encode_block(sub, plan, nc_sub)
-                got = tk.encode_csr(block.indptr.astype(np.int64), block.indices, block.data, plan, n_genes,
-                                    n_counts, selected)
+                got = tk.encode_csr(
+                    block.indptr.astype(np.int64), block.indices, block.data, plan, n_genes, n_counts, selected
+                )
                 for w, g in zip(want, got):
                     np.testing.assert_array_equal(w, g)
     # a median dictionary with many repeated values: most cells tie, argsort ranks them
@@ -307,12 +360,15 @@ def test_counts_reader_raw_rows(tmp_path, layout):
 def test_obs_columns_read_by_row_range(tmp_path):
     from helical_workflow import data
 
-    obs = pd.DataFrame({
-        "cat": pd.Categorical(["a", None, "b", "a", "c"]),
-        "num": np.arange(5) * 1.5,
-        "text": ["x", "y", "z", "w", "v"],
-        "nullable": pd.array([1, None, 3, 4, 5], dtype="Int64"),
-    }, index=[f"c{i}" for i in range(5)])
+    obs = pd.DataFrame(
+        {
+            "cat": pd.Categorical(["a", None, "b", "a", "c"]),
+            "num": np.arange(5) * 1.5,
+            "text": ["x", "y", "z", "w", "v"],
+            "nullable": pd.array([1, None, 3, 4, 5], dtype="Int64"),
+        },
+        index=[f"c{i}" for i in range(5)],
+    )
     anndata.AnnData(X=sp.csr_matrix((5, 2), dtype=np.float32), obs=obs).write_h5ad(tmp_path / "o.h5ad")
     with data.ObsColumns(tmp_path / "o.h5ad", [data.ObsColumns.NAMES, "cat", "num", "text", "nullable"]) as o:
         assert o.n_obs == 5
@@ -323,18 +379,60 @@ def test_obs_columns_read_by_row_range(tmp_path):
         assert [str(v) for v in o.read("nullable", 0, 3)] == ["1", "nan", "3"]
 
 
-def test_cli_reads_labels_with_missing_values_chunk_by_chunk(tmp_path):
-    """Labels and cell ids are read from obs per chunk: a missing category is written as 'nan'."""
+@pytest.mark.parametrize("missing", [None, ""])
+def test_cli_reports_cells_without_a_label(tmp_path, caplog, missing):
+    """Labels and cell ids are read from obs per chunk; a missing label (NA or empty) is written
+    as null and counted, not carried as a label."""
     d = make_dicts(tmp_path, 50, special=False, seed=2)
     h5 = tmp_path / "m.h5ad"
     ad = make_h5ad(h5, n_cells=30, n_genes=50, seed=2)
-    ad.obs["cell_type"] = pd.Categorical(["T", None, "B"] * 10)
+    ad.obs["cell_type"] = pd.Categorical(["T", missing, "B"] * 10)
     ad.write_h5ad(h5)
-    res = tok.tokenize_h5ad(h5, tmp_path / "o", model_name="gf-6L-10M-i2048", dict_dir=d, gene_id_type="ensembl",
-                            gene_names="ensembl_id", label_key="cell_type", chunk_size=7, workers=2)
+    res = tokenize_ensembl(h5, tmp_path / "o", d, label_key="cell_type", chunk_size=7, workers=2)
     ds = load_from_disk(str(res.out_dir))
-    assert list(ds["cell_type"]) == ["T", "nan", "B"] * 10
+    assert list(ds["cell_type"]) == ["T", None, "B"] * 10
     assert list(ds["cell_id"]) == list(ad.obs_names)
+    assert res.cells == 30 and res.missing_labels == 10
+    assert "'cell_type'" in caplog.text and "10 of 30 cells have no label" in caplog.text
+
+
+@pytest.mark.parametrize("missing", [None, " "])
+def test_cli_label_column_without_any_label_is_an_error(tmp_path, missing):
+    d = make_dicts(tmp_path, 50, special=False, seed=2)
+    h5 = tmp_path / "m.h5ad"
+    ad = make_h5ad(h5, n_cells=12, n_genes=50, seed=2)
+    ad.obs["cell_type"] = pd.Categorical([missing] * 12, categories=["T"] if missing is None else [missing])
+    ad.write_h5ad(h5)
+    with pytest.raises(
+        DatasetError,
+        match=r"label column 'cell_type' of m.h5ad has no value for any of its 12 "
+        r"cells .*Fix: pass --label-key with a labelled column",
+    ):
+        tokenize_ensembl(h5, tmp_path / "o", d, label_key="cell_type")
+    assert not (tmp_path / "o").exists()
+
+
+def test_load_tokenized_names_a_missing_shard(tmp_path):
+    d = make_dicts(tmp_path, 50, special=False, seed=2)
+    h5 = tmp_path / "m.h5ad"
+    make_h5ad(h5, n_cells=40, n_genes=50, seed=2)
+    out = tmp_path / "run" / tok.OUTPUT
+    for i in (0, 2):
+        tokenize_ensembl(
+            h5,
+            out,
+            d,
+            shard=Shard(i, 3),
+        )
+    with pytest.raises(FileNotFoundError, match="missing: shard-00001-of-00003"):
+        tok.load_tokenized(tmp_path / "run", expected=3)
+    tokenize_ensembl(
+        h5,
+        out,
+        d,
+        shard=Shard(1, 3),
+    )
+    assert len(tok.load_tokenized(tmp_path / "run", expected=3)) == 40
 
 
 def test_compiled_path_orders_values_closer_than_its_keys(tmp_path):
@@ -346,8 +444,9 @@ def test_compiled_path_orders_values_closer_than_its_keys(tmp_path):
     ids = [f"ENSG{i:011d}" for i in range(n_genes)]
     tk.median_dict.update({g: 1.0 + i * 1e-12 for i, g in enumerate(ids)})
     rng = np.random.default_rng(4)
-    X = sp.random(200, n_genes, density=0.4, format="csr", random_state=4,
-                  data_rvs=lambda k: rng.integers(1, 4, k)).astype(np.float32)
+    X = sp.random(
+        200, n_genes, density=0.4, format="csr", random_state=4, data_rvs=lambda k: rng.integers(1, 4, k)
+    ).astype(np.float32)
     plan = tk.plan(ids)
     want = tk.encode_block(X, plan)
     got = tk.encode_csr(X.indptr.astype(np.int64), X.indices, X.data, plan, n_genes)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from helical_workflow import data, train
+from helical_workflow import data, modeling, train
 from helical_workflow import tokenize as tok
 from helical_workflow.params import load_params
 
@@ -47,18 +47,18 @@ def test_batches_are_shuffled_per_epoch_grouped_by_length_and_complete():
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 1000, 1000)
     idx = np.arange(1000)
-    e0 = train.make_batches(lengths, idx, 16, seed=1, epoch=0)
+    e0 = modeling.make_batches(lengths, idx, 16, seed=1, epoch=0)
     assert sorted(np.concatenate(e0).tolist()) == idx.tolist()
-    assert [b.tolist() for b in e0] == [b.tolist() for b in train.make_batches(lengths, idx, 16, seed=1, epoch=0)]
-    e1 = train.make_batches(lengths, idx, 16, seed=1, epoch=1)
+    assert [b.tolist() for b in e0] == [b.tolist() for b in modeling.make_batches(lengths, idx, 16, seed=1, epoch=0)]
+    e1 = modeling.make_batches(lengths, idx, 16, seed=1, epoch=1)
     assert [b.tolist() for b in e0] != [b.tolist() for b in e1]
 
     def padding(batches):
         return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
 
-    plain = train.make_batches(lengths, idx, 16, seed=1, epoch=0, group_by_length=False)
+    plain = modeling.make_batches(lengths, idx, 16, seed=1, epoch=0, group_by_length=False)
     assert padding(e0) < padding(plain) / 5
-    ordered = train.make_batches(lengths, idx, 16, seed=1, epoch=0, shuffle=False)
+    ordered = modeling.make_batches(lengths, idx, 16, seed=1, epoch=0, shuffle=False)
     assert np.concatenate(ordered).tolist() == idx.tolist()
 
 
@@ -69,7 +69,7 @@ def test_first_step_loss_equals_helicals_in_fp32(prepared, tmp_path):
 
     pp, params, rd = fresh(prepared, tmp_path)
     ds = tok.load_tokenized(rd)
-    store = train.TokenStore(ds)
+    store = modeling.TokenStore(ds)
     labels = tok.read_labels(rd)
     train_idx = np.nonzero(store.split == "train")[0]
     bs = 10
@@ -87,21 +87,30 @@ def test_first_step_loss_equals_helicals_in_fp32(prepared, tmp_path):
             return loss
 
     torch.manual_seed(123)
-    ref.train(train_dataset=ds.select(train_idx[:bs]), label="label_id", epochs=1, freeze_layers=0,
-              optimizer_params={"lr": 1e-4}, loss_function=Recording(), silent=True)
+    ref.train(
+        train_dataset=ds.select(train_idx[:bs]),
+        label="label_id",
+        epochs=1,
+        freeze_layers=0,
+        optimizer_params={"lr": 1e-4},
+        loss_function=Recording(),
+        silent=True,
+    )
     # ours, with helical's batch order (no shuffling) and helical's modes (encoder in eval mode)
-    first = train.make_batches(store.lengths, train_idx, bs, seed=0, epoch=0, shuffle=False)[0]
+    first = modeling.make_batches(store.lengths, train_idx, bs, seed=0, epoch=0, shuffle=False)[0]
     torch.manual_seed(123)
-    train.set_mode(ours, training=True, encoder_dropout=False)
-    b = train.collate(store, first, ours.pad_token_id)
-    logits = train._classifier_module(ours)(b["input_ids"], b["attention_mask"], b["length"])
+    modeling.set_mode(ours, training=True, encoder_dropout=False)
+    b = modeling.collate(store, first, ours.pad_token_id)
+    logits = modeling.classifier(ours)(b["input_ids"], b["attention_mask"], b["length"])
     loss = torch.nn.CrossEntropyLoss()(logits, b["labels"])
     assert abs(float(loss) - recorded[0]) < 1e-5
 
 
 def _fine_tune_cmd(pp, rd):
-    code = ("import sys; from helical_workflow.params import load_params; from helical_workflow import train; "
-            "train.fine_tune_stage(load_params(sys.argv[1]), sys.argv[2])")
+    code = (
+        "import sys; from helical_workflow.params import load_params; from helical_workflow import train; "
+        "train.fine_tune_stage(load_params(sys.argv[1]), sys.argv[2])"
+    )
     return [sys.executable, "-c", code, str(pp), str(rd)]
 
 
@@ -112,8 +121,9 @@ def test_killed_run_resumes_to_the_same_result(prepared, tmp_path, workflow_env)
     # uninterrupted
     subprocess.run(_fine_tune_cmd(pp_a, rd_a), check=True, capture_output=True, env=workflow_env)
     # killed (SIGKILL) once the first epoch's checkpoint exists, then run again
-    proc = subprocess.Popen(_fine_tune_cmd(pp_b, rd_b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=workflow_env)
+    proc = subprocess.Popen(
+        _fine_tune_cmd(pp_b, rd_b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=workflow_env
+    )
     ckpt = rd_b / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -127,12 +137,69 @@ def test_killed_run_resumes_to_the_same_result(prepared, tmp_path, workflow_env)
     assert "resuming from" in done.stdout
     ha = json.loads((rd_a / "model" / "history.json").read_text())["epochs"]
     hb = json.loads((rd_b / "model" / "history.json").read_text())["epochs"]
-    assert [(h["epoch"], h["val_accuracy"], h["val_macro_f1"], round(h["train_loss"], 6)) for h in ha] == \
-           [(h["epoch"], h["val_accuracy"], h["val_macro_f1"], round(h["train_loss"], 6)) for h in hb]
+    assert [(h["epoch"], h["val_accuracy"], h["val_macro_f1"], round(h["train_loss"], 6)) for h in ha] == [
+        (h["epoch"], h["val_accuracy"], h["val_macro_f1"], round(h["train_loss"], 6)) for h in hb
+    ]
     import torch
 
     wa = torch.load(rd_a / "model" / "fine_tuned.pt", weights_only=True)
     wb = torch.load(rd_b / "model" / "fine_tuned.pt", weights_only=True)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_resume_from_a_step_checkpoint_mid_epoch_is_exact(prepared, tmp_path, monkeypatch):
+    """A crash inside an epoch resumes from the last step checkpoint to the same losses and weights."""
+    import torch
+
+    from helical_workflow import model as model_mod
+
+    def fit(rd, params, crash_at_batch=None):
+        store = modeling.TokenStore(tok.load_tokenized(rd))
+        labels = tok.read_labels(rd)
+        torch.manual_seed(0)
+        m = model_mod.load_fine_tuning_model(params, n_classes=len(labels), batch_size=10, device="cpu")
+        calls = []
+
+        def collate(*a, **k):
+            calls.append(1)
+            if len(calls) == crash_at_batch:
+                raise RuntimeError("killed")
+            return modeling.collate(*a, **k)
+
+        if crash_at_batch:
+            monkeypatch.setattr(train, "collate", collate)
+        try:
+            out = train.train_loop(
+                train.TrainSetup(params, rd, "cpu", "fp32", 10),
+                m,
+                store,
+                store.indices("train")[:60],
+                store.indices("validation")[:20],
+                len(labels),
+            )
+        finally:
+            monkeypatch.undo()
+        return out, m.state_dict()
+
+    kw = dict(
+        fine_tune__epochs=2,
+        fine_tune__checkpoint_every_steps=2,
+        fine_tune__log_every_steps=1,
+        fine_tune__learning_rate=5e-4,
+    )
+    _, params_a, rd_a = fresh(prepared, tmp_path / "a", **kw)
+    _, params_b, rd_b = fresh(prepared, tmp_path / "b", **kw)
+    out_a, wa = fit(rd_a, params_a)
+    # 6 batches an epoch, a checkpoint every 2 steps: the 11th batch is the 5th of epoch 2, after step 10's checkpoint
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(rd_b, params_b, crash_at_batch=11)
+    out_b, wb = fit(rd_b, params_b)
+
+    def key(h):
+        return h["epoch"], round(h["train_loss"], 6), round(h["val_loss"], 6), h["val_macro_f1"]
+
+    assert [key(h) for h in out_a["history"]] == [key(h) for h in out_b["history"]]
+    assert out_a["steps"] == out_b["steps"] and out_a["global_step"] == out_b["global_step"] == 12
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
@@ -142,18 +209,18 @@ def test_bf16_on_cpu_runs_and_learns(prepared, tmp_path, workflow_env):
     from helical_workflow import model as model_mod
 
     pp, params, rd = fresh(prepared, tmp_path)
-    store = train.TokenStore(tok.load_tokenized(rd))
+    store = modeling.TokenStore(tok.load_tokenized(rd))
     labels = tok.read_labels(rd)
     idx = np.nonzero(store.split == "train")[0][:16]
     torch.manual_seed(0)
     m = model_mod.load_fine_tuning_model(params, n_classes=len(labels), batch_size=8, device="cpu")
-    net = train._classifier_module(m)
+    net = modeling.classifier(m)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-    train.set_mode(m, True)
-    b = train.collate(store, idx, m.pad_token_id)
+    modeling.set_mode(m, True)
+    b = modeling.collate(store, idx, m.pad_token_id)
     losses = []
     for _ in range(12):
-        with train.autocast_ctx("cpu", "bf16"):
+        with modeling.autocast_ctx("cpu", "bf16"):
             logits = net(b["input_ids"], b["attention_mask"], b["length"])
             assert logits.dtype == torch.bfloat16
             loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"])
@@ -183,4 +250,4 @@ def test_gpu_profile_without_gpu_fails_before_compute(tmp_path, model_cache):
     params = load_params(demo_params(tmp_path, model_cache=model_cache, stage_profiles={"fine_tune": "gpu"}))
     assert not torch.cuda.is_available()
     with pytest.raises(RuntimeError, match="asks for a GPU .* none is visible. Fix: run on a GPU host or choose a CPU"):
-        train.device_for(params, "fine_tune")
+        modeling.device_for(params, "fine_tune")

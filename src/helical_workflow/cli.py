@@ -6,10 +6,13 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from .params import STAGES, ParamsError, load_params
+from . import stages
+from .params import ParamsError, load_params
+from .runs import StageFailed
+from .stages import Shard
 
 
 def _deep_check(params) -> str:
@@ -25,7 +28,8 @@ def _deep_check(params) -> str:
         info = check_dataset(params)
     except DatasetError as e:
         raise ParamsError(params.source_path, [str(e)]) from None
-    return f"dataset: {info['n_cells']} cells, {info['n_genes']} genes, {info['n_labels']} labels in {params.data.label_key!r}"
+    labels = f"{info['n_labels']} labels in {params.data.label_key!r}"
+    return f"dataset: {info['n_cells']} cells, {info['n_genes']} genes, {labels}"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -55,25 +59,75 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"INVALID {e}", file=sys.stderr)
             status = 1
             continue
-        print(f"OK {path}: experiment {params.experiment!r}, model {params.model.name} ({params.model.source}), "
-              f"profile {params.profile}; {detail}")
+        print(
+            f"OK {path}: experiment {params.experiment!r}, model {params.model.name} ({params.model.source}), "
+            f"profile {params.profile}; {detail}"
+        )
     return status
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import launch
+    from . import launchers
 
-    run_id = args.run_id or "manual__" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    try:  # run_all validates the params file before any stage starts
-        run_dir = launch.run_all(args.params, run_id, stages, kernel_name=args.kernel, log_output=not args.quiet)
+    run_id = args.run_id or "manual__" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    only = tuple(args.stages.split(",")) if args.stages else None
+    unknown = [s for s in only or () if s not in stages.names()]
+    if unknown:
+        print(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.names())}", file=sys.stderr)
+        return 2
+    # run_workflow validates the params file before any stage starts
+    run = _explained(
+        launchers.run_workflow, args.params, run_id, only, kernel_name=args.kernel, log_output=not args.quiet
+    )
+    if isinstance(run, int):
+        return run
+    print_reports(run.dir)
+    return 0
+
+
+def _explained(fn, *args, **kw):
+    """``fn``'s result; an invalid params file (exit 2) or a failed stage (exit 1) explained on stderr."""
+    try:
+        return fn(*args, **kw)
     except ParamsError as e:
         print(f"INVALID {e}", file=sys.stderr)
         return 2
-    except launch.StageFailed as e:
+    except StageFailed as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
-    print_reports(run_dir)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """One stage attempt inside the kernel image (what the docker and kubernetes launchers start)."""
+    from . import launchers
+
+    a = _explained(launchers.run_stage_from_payload, args.stage, args.run_id, shard=args.shard)
+    if isinstance(a, int):
+        return a
+    print(f"{a.key}: {a.status} in {a.seconds:.1f} s")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """What the kernel image holds: model files, versions, GPUs (the image's default command)."""
+    import torch
+
+    from .runs import package_versions
+
+    root = Path(os.environ.get("CACHE_DIR_HELICAL_PREFIX", Path.home())) / ".cache" / "helical" / "models"
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != ".gitkeep")
+    info = {
+        "model_name": os.environ.get("HELICAL_MODEL_NAME"),
+        "model_files": files,
+        "versions": package_versions(),
+        "python": sys.version.split()[0],
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "user": os.getuid(),
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
+        "stages": list(stages.names()),
+    }
+    print(json.dumps(info, indent=2))
     return 0
 
 
@@ -89,45 +143,22 @@ def print_reports(run_dir: Path) -> None:
     metrics = run_dir / "evaluate" / "metrics.json"
     if metrics.exists():
         mj = json.loads(metrics.read_text())
-        print(f"Test accuracy {mj['accuracy']:.3f}, macro-F1 {mj['macro_f1']:.3f} "
-              f"(chance {mj['chance_accuracy']:.3f}; logistic-regression baseline "
-              f"{mj['baseline_logreg'].get('accuracy', float('nan')):.3f})")
+        print(
+            f"Test accuracy {mj['accuracy']:.3f}, macro-F1 {mj['macro_f1']:.3f} "
+            f"(chance {mj['chance_accuracy']:.3f}; logistic-regression baseline "
+            f"{mj['baseline_logreg'].get('accuracy', float('nan')):.3f})"
+        )
     if m.get("mlflow"):
         print(f"MLflow run {m['mlflow']['run_id']} in {m['mlflow']['tracking_uri']}")
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    """Render the executed notebook to HTML and log it to the run's MLflow run."""
-    import nbformat
-    from nbconvert import HTMLExporter
+    """Render the executed notebook to HTML and log it to the run's MLflow run (kernel environment)."""
+    from .runs import Attempt, Run
 
-    from . import launch, tracking
-
-    params = load_params(args.params, check_files=False)
-    run_dir = Path(args.run_dir)
-    nb_path = Path(args.notebook) if args.notebook else run_dir / "notebooks" / launch.NOTEBOOKS[args.stage]
-    key = args.key or args.stage
-    html_path = run_dir / "reports" / nb_path.with_suffix(".html").name
-    if nb_path.exists():
-        nb = nbformat.read(nb_path, as_version=4)
-        body, _ = HTMLExporter().from_notebook_node(nb)
-        html_path.parent.mkdir(parents=True, exist_ok=True)
-        html_path.write_text(body)
-    from .runs import read_manifest
-
-    st = read_manifest(run_dir).get("stages", {}).get(key, {})
-    tracking.log_metrics(params, run_dir, {
-        f"{key}.duration_seconds": float(st.get("seconds", 0.0)),
-        f"{key}.success": 1.0 if args.status == "success" else 0.0,
-    })
-    for p, where in ((nb_path, "notebooks"), (html_path, "reports"), (run_dir / "metrics", "metrics"),
-                     (run_dir / "run.json", None)):
-        tracking.log_artifacts(params, run_dir, p, where)
-    if args.status != "success":
-        tracking.set_mlflow_status(params, run_dir, "FAILED")
-    elif args.stage == STAGES[-1]:
-        tracking.set_mlflow_status(params, run_dir, "FINISHED")
-    print(f"report: {html_path}")
+    run = Run(load_params(args.params, check_files=False), Path(args.run_dir))
+    st, shard = stages.get(args.stage), Shard.parse(args.shard)
+    run.finalize(Attempt(st, shard, run.dir, status=args.status, seconds=args.seconds))
     return 0
 
 
@@ -170,7 +201,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.run_id:
         run_dir = run_dir_for(params.outputs_path, params.experiment, args.run_id)
     else:
-        runs_ = sorted((p for p in exp_dir.glob("*/run.json")), key=lambda p: p.stat().st_mtime) if exp_dir.is_dir() else []
+        runs_ = (
+            sorted((p for p in exp_dir.glob("*/run.json")), key=lambda p: p.stat().st_mtime) if exp_dir.is_dir() else []
+        )
         if not runs_:
             print(f"no runs of {params.experiment!r} under {exp_dir}", file=sys.stderr)
             return 1
@@ -182,20 +215,32 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     """Streamed, token-identical-to-helical tokenization of an .h5ad into Arrow (datasets) shards."""
     from .data import DatasetError
-    from .tokenize import TokenizeError, parse_shard, tokenize_h5ad
+    from .tokenize import TokenizeError, tokenize_h5ad
 
     try:
         res = tokenize_h5ad(
-            Path(args.input), Path(args.output), model_name=args.model, dict_dir=Path(args.model_dir),
-            label_key=args.label_key, gene_names=args.gene_names, gene_id_type=args.gene_id_type,
-            counts=args.counts, shard=parse_shard(args.shard), workers=args.workers, chunk_size=args.chunk_size,
+            Path(args.input),
+            Path(args.output),
+            model_name=args.model,
+            dict_dir=Path(args.model_dir),
+            label_key=args.label_key,
+            gene_names=args.gene_names,
+            gene_id_type=args.gene_id_type,
+            counts=args.counts,
+            shard=Shard.parse(args.shard),
+            workers=args.workers,
+            chunk_size=args.chunk_size,
         )
     except (TokenizeError, DatasetError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
     cov = res.coverage
-    print(f"{res.cells} cells -> {res.out_dir} in {res.seconds:.1f} s ({res.cells_per_second:,.0f} cells/s); "
-          f"genes in vocabulary {cov['in_vocabulary']}/{cov['genes']}; zero-count cells dropped: {res.dropped_zero_count}")
+    print(
+        f"{res.cells} cells -> {res.out_dir} in {res.seconds:.1f} s ({res.cells_per_second:,.0f} cells/s); "
+        f"genes in vocabulary {cov['in_vocabulary']}/{cov['genes']}; "
+        f"zero-count cells dropped: {res.dropped_zero_count}; "
+        f"cells without a label: {res.missing_labels}"
+    )
     return 0
 
 
@@ -207,28 +252,41 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("params", nargs="+")
     v.set_defaults(func=cmd_validate)
 
-    r = sub.add_parser("run", help="run the stages with papermill, without Airflow (same launch code as the DAG)")
+    r = sub.add_parser("run", help="run the stages without Airflow, each by its profile's launcher (as the DAG)")
     r.add_argument("params")
     r.add_argument("--run-id", default=None)
-    r.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    r.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(stages.names())}")
     r.add_argument("--kernel", default="helical-workflow")
     r.add_argument("--quiet", action="store_true", help="do not stream cell output")
     r.set_defaults(func=cmd_run)
 
+    s = sub.add_parser("stage", help="one stage attempt, params from $HELICAL_PARAMS (the kernel image's command)")
+    s.add_argument("stage", choices=stages.names())
+    s.add_argument("run_id")
+    s.add_argument("--shard", default=None, help="I/N: one row shard of a sharded stage")
+    s.set_defaults(func=cmd_stage)
+
+    de = sub.add_parser("describe", help="model files, versions and GPUs of this environment (the image's default)")
+    de.set_defaults(func=cmd_describe)
+
     f = sub.add_parser("finalize-stage", help=argparse.SUPPRESS)
     f.add_argument("params")
     f.add_argument("run_dir")
-    f.add_argument("stage", choices=STAGES)
+    f.add_argument("stage", choices=stages.names())
     f.add_argument("--status", default="success")
-    f.add_argument("--key", default=None)
-    f.add_argument("--notebook", default=None)
+    f.add_argument("--shard", default=None)
+    f.add_argument("--seconds", type=float, default=0.0)
     f.set_defaults(func=cmd_finalize)
 
     t = sub.add_parser("tokenize", help="tokenize an .h5ad for Geneformer (streamed, backed mode) into Arrow shards")
     t.add_argument("input")
     t.add_argument("output", help="a datasets folder (load_from_disk), or with --shard a folder of shard-* folders")
     t.add_argument("--model", required=True, help="helical Geneformer model name (fixes input size, special tokens)")
-    t.add_argument("--model-dir", required=True, help="folder with token_dictionary.pkl, gene_median_dictionary.pkl, ensembl_mapping_dict.pkl")
+    t.add_argument(
+        "--model-dir",
+        required=True,
+        help="folder with token_dictionary.pkl, gene_median_dictionary.pkl, ensembl_mapping_dict.pkl",
+    )
     t.add_argument("--label-key", default=None, help="obs column to carry as the label")
     t.add_argument("--gene-names", default="index", help="var column with gene names, or 'index'")
     t.add_argument("--gene-id-type", default="symbol", choices=["symbol", "ensembl"])

@@ -1,9 +1,13 @@
-"""Build one Airflow DAG per params file that has a ``dag:`` section.
+"""Build one Airflow DAG per params file that has a ``dag:` section, from the stage table.
 
-Parse time stays cheap: read YAML, validate the schema (pydantic), create four tasks.
-No torch, no helical, no dataset access. Each task is a :class:`StageOperator`, a thin
-:class:`PapermillOperator` subclass that goes through :func:`helical_workflow.launch.run_stage`
-(papermill in the ``helical-workflow`` kernel, executed notebook into the run folder).
+Parse time stays cheap: read YAML, validate the schema (pydantic), create one task per
+stage of :data:`helical_workflow.stages.STAGES` (mapped over shards for a sharded stage),
+wired by the stages' ``upstream``. No torch, no helical, no dataset access. The operator of
+each task follows the launcher of the stage's resource profile (:mod:`helical_workflow.launchers`):
+
+* ``local``: :class:`StageOperator` (papermill here, through :func:`launchers.run_stage`);
+* ``docker``: :class:`DockerStageOperator`, the kernel image through the Docker API;
+* ``kubernetes``: ``KubernetesPodOperator`` with the same image, command and resources.
 
 An invalid params file still gets its DAG, so the problem is visible in the UI (in the
 DAG's docs); a run of it fails in the first task, at validation, before any compute.
@@ -25,23 +29,24 @@ try:
 except ImportError:  # the docker provider is optional for local-only installs
     DockerOperator = None
 
-from . import launch
-from .params import STAGES, Params, ParamsError, load_params
+from . import launchers, stages
+from .params import Params, ParamsError, load_params
+from .stages import Shard, Stage
 
 PARAMS_DIR_ENV = "HELICAL_WORKFLOW_PARAMS_DIR"
 
 
 class StageOperator(PapermillOperator):
-    """Run one workflow stage's notebook with papermill (through the launch module)."""
+    """Run one workflow stage's notebook with papermill, here (the ``local`` launcher)."""
 
     template_fields = (*PapermillOperator.template_fields, "params_path")
     ui_color = "#d7ecff"
 
     def __init__(self, *, params_path: str, stage: str, shard: str | None = None, **kwargs: Any) -> None:
         super().__init__(
-            input_nb=str(launch.notebook_path(stage)),
+            input_nb=str(launchers.notebook_path(stage)),
             output_nb=None,
-            kernel_name=launch.KERNEL_NAME,
+            kernel_name=launchers.KERNEL_NAME,
             log_output=True,
             **kwargs,
         )
@@ -50,45 +55,21 @@ class StageOperator(PapermillOperator):
         self.shard = shard
 
     def execute(self, context: Any) -> str:
-        result = launch.run_stage(
-            self.params_path, self.stage, context["run_id"], shard=self.shard,
-            kernel_name=self.kernel_name or launch.KERNEL_NAME, log_output=self.log_output,
+        a = launchers.run_stage(
+            self.params_path,
+            self.stage,
+            context["run_id"],
+            shard=self.shard,
+            kernel_name=self.kernel_name or launchers.KERNEL_NAME,
+            log_output=self.log_output,
         )
-        return str(result.run_dir)  # only a path goes to XCom: stages hand over files
-
-
-KERNEL_IMAGE_ENV = "HELICAL_KERNEL_IMAGE"
-IN_IMAGE_ROOT = "/opt/helical-workflow"
-
-
-def kernel_image() -> str:
-    return os.environ.get(KERNEL_IMAGE_ENV, "helical-workflow-kernels:latest")
-
-
-def _stage_command(params_path: Path, stage: str, shard: str | None) -> list[str]:
-    """The kernel image's entry point runs the same launch code as the local launcher."""
-    cmd = ["stage", f"{IN_IMAGE_ROOT}/params/{params_path.name}", stage, "{{ run_id }}"]
-    return cmd + (["--shard", shard] if shard else [])
-
-
-def _memory_bytes(text: str) -> str:
-    """Profile memory ('8g', '64Gi') as Docker wants it ('8g')."""
-    return text.lower().replace("i", "")
-
-
-def _k8s_quantity(text: str) -> str:
-    """'64g' -> '64Gi' (binary units, as Docker reads 'g')."""
-    t = text.strip()
-    if t[-1:].lower() in ("k", "m", "g"):
-        return t[:-1] + t[-1].upper() + "i"
-    return t
+        return str(a.notebook.parent.parent)  # only a path goes to XCom: stages hand over files
 
 
 class DockerStageOperator(DockerOperator if DockerOperator is not None else object):  # type: ignore[misc]
     """A stage in the kernel image through the Docker API (Docker Engine, a socket proxy, or Podman).
 
-    Data folder read-only, run folders read-write, GPUs by device request, memory and CPUs from the
-    profile, a unique container name per run, task, map index and try, removed whatever the outcome.
+    A unique container name per run, task, map index and try; removed whatever the outcome.
     """
 
     def execute(self, context: Any) -> Any:
@@ -97,98 +78,66 @@ class DockerStageOperator(DockerOperator if DockerOperator is not None else obje
         try:
             return super().execute(context)
         except (APIError, DockerException) as e:
-            raise RuntimeError(_explain_docker_error(e, self.image, self.docker_url)) from None
+            raise RuntimeError(launchers.explain_docker_error(e, self.image, self.docker_url)) from None
         except Exception as e:  # the hook's "Failed to establish connection to any given Docker hosts."
             if "establish connection" in str(e):
-                raise RuntimeError(_explain_docker_error(ConnectionError(f"connection failed: {e}"), self.image,
-                                                         self.docker_url)) from None
+                raise RuntimeError(
+                    launchers.explain_docker_error(
+                        ConnectionError(f"connection failed: {e}"), self.image, self.docker_url
+                    )
+                ) from None
             raise
 
 
-def _explain_docker_error(e: Exception, image: str, url: str | None) -> str:
-    text = str(e)
-    low = text.lower()
-    if "could not select device driver" in low or "nvidia" in low and "gpu" in low:
-        return (f"the stage asks for a GPU but the Docker host has none usable ({text}). Fix: run on a GPU host "
-                "with the NVIDIA container toolkit, or give this stage a CPU profile.")
-    if "not found" in low or "no such image" in low or "pull access denied" in low or "manifest unknown" in low:
-        return f"image {image!r} is not on the Docker host and could not be pulled ({text}). Fix: `make image` there."
-    if "connection" in low or "no such file" in low or "refused" in low:
-        return (f"cannot reach the Docker API at {url or 'DOCKER_HOST'} ({text}). Fix: start the engine (or "
-                "`podman system service`) and point DOCKER_HOST at it.")
-    return f"container run failed: {text}"
+CONTAINER_NAME = (
+    "hw-{{ dag.dag_id }}-{{ task.task_id }}-{{ ti.map_index }}-{{ run_id | replace(':', '') "
+    "| replace('+', '') | replace('.', '') }}-{{ ti.try_number }}"
+).replace(" ", "")
 
 
-def _docker_task(params: Params, profile: Any) -> tuple[type, dict[str, Any], str]:
-    from docker.types import DeviceRequest, Mount
+def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str, Any]):
+    """The task of a stage (mapped over its shards), by the launcher of its resource profile."""
+    shards: list[Shard | None] = stage.shards(params)
+    launcher = params.profile_for(stage.name).launcher if params else "local"
+    if launcher == "local":  # papermill here; the shard goes to the notebook's parameters
+        cls, kw, field = StageOperator, {"params_path": str(path), "stage": stage.name}, "shard"
+        per_task: list[Any] = [None if s is None else str(s) for s in shards]
+    else:  # the kernel image's `helical-workflow stage`; the shard goes on its command line
+        specs = [launchers.ContainerSpec.for_stage(params, stage.name, s, "{{ run_id }}") for s in shards]
+        if launcher == "docker":
+            cls, field = DockerStageOperator, "command"
+            kw = {k: v for k, v in specs[0].docker_kwargs().items() if k != "command"}
+            kw.update(
+                container_name=CONTAINER_NAME,
+                docker_url=launchers.docker_url(),
+                cpus=specs[0].cpus,
+                auto_remove="force",
+                mount_tmp_dir=False,
+            )
+        else:
+            from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-    # host paths as the Docker engine sees them (they differ when Airflow itself runs in a container)
-    data_dir = os.environ.get("HELICAL_HOST_DATA", str(params.data_path.parent))
-    outputs = os.environ.get("HELICAL_HOST_OUTPUTS", str(params.outputs_path))
-    params_dir = os.environ.get("HELICAL_HOST_PARAMS", str(Path(params.source_path).parent))
-    mounts = [
-        Mount(target=f"{IN_IMAGE_ROOT}/data", source=data_dir, type="bind", read_only=True),
-        Mount(target=f"{IN_IMAGE_ROOT}/outputs", source=outputs, type="bind", read_only=False),
-        Mount(target=f"{IN_IMAGE_ROOT}/params", source=params_dir, type="bind", read_only=True),
-    ]
-    env = {"HELICAL_WORKFLOW_OUTPUTS": f"{IN_IMAGE_ROOT}/outputs", "HELICAL_WORKFLOW_HOME": IN_IMAGE_ROOT}
-    for k in ("HELICAL_PUSHGATEWAY", "MLFLOW_TRACKING_URI"):
-        if os.environ.get(k):
-            env[k] = os.environ[k]
-    requests = [DeviceRequest(count=profile.gpus, capabilities=[["gpu"]])] if profile.gpus else None
-    name = ("hw-{{ dag.dag_id }}-{{ task.task_id }}-{{ ti.map_index }}-{{ run_id | replace(':', '') | replace('+', '') "
-            "| replace('.', '') }}-{{ ti.try_number }}").replace(" ", "")
-    return DockerStageOperator, dict(
-        image=kernel_image(), container_name=name,
-        docker_url=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"), mounts=mounts,
-        environment=env, mem_limit=_memory_bytes(profile.memory), cpus=float(profile.cpus),
-        device_requests=requests, auto_remove="force", mount_tmp_dir=False,
-        user=os.environ.get("HELICAL_CONTAINER_USER", "1000"),
-    ), "command"
+            cls, field = KubernetesPodOperator, "arguments"
+            kw = {k: v for k, v in specs[0].pod_kwargs().items() if k != "arguments"}
+            profile = params.profile_for(stage.name)
+            kw.update(
+                name=f"hw-{stage.name.replace('_', '-')}",
+                namespace=os.environ.get("HELICAL_K8S_NAMESPACE", "default"),
+                node_selector=dict(profile.node_selector) or None,
+                tolerations=[_toleration(t) for t in profile.tolerations] or None,
+                on_finish_action="delete_pod",
+                get_logs=True,
+            )
+        per_task = [s.command for s in specs]
+    if len(shards) > 1:  # dynamic task mapping: one task instance per row shard, whatever the launcher
+        return cls.partial(**kw, **common).expand(**{field: per_task})
+    return cls(**kw, **common, **{field: per_task[0]})
 
 
-def _k8s_task(params: Params, profile: Any) -> tuple[type, dict[str, Any], str]:
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+def _toleration(t: dict[str, str]):
     from kubernetes.client import models as k8s
 
-    cpus = int(profile.cpus) if float(profile.cpus).is_integer() else profile.cpus
-    limits = {"memory": _k8s_quantity(profile.memory), "cpu": str(cpus)}
-    if profile.gpus:
-        limits["nvidia.com/gpu"] = str(profile.gpus)
-    volumes = [
-        k8s.V1Volume(name="data", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=os.environ.get("HELICAL_DATA_PVC", "helical-data"), read_only=True)),
-        k8s.V1Volume(name="outputs", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=os.environ.get("HELICAL_OUTPUTS_PVC", "helical-outputs"))),
-    ]
-    mounts = [k8s.V1VolumeMount(name="data", mount_path=f"{IN_IMAGE_ROOT}/data", read_only=True),
-              k8s.V1VolumeMount(name="outputs", mount_path=f"{IN_IMAGE_ROOT}/outputs")]
-    return KubernetesPodOperator, dict(
-        image=kernel_image(), cmds=["python", "/usr/local/bin/helical-kernel"], name="hw-stage",
-        namespace=os.environ.get("HELICAL_K8S_NAMESPACE", "default"),
-        container_resources=k8s.V1ResourceRequirements(limits=limits, requests=dict(limits)),
-        node_selector=dict(profile.node_selector) or None,
-        tolerations=[k8s.V1Toleration(**t) for t in profile.tolerations] or None,
-        volumes=volumes, volume_mounts=mounts,
-        env_vars={"HELICAL_WORKFLOW_OUTPUTS": f"{IN_IMAGE_ROOT}/outputs"},
-        security_context=k8s.V1PodSecurityContext(run_as_user=1000, run_as_non_root=True),
-        on_finish_action="delete_pod", get_logs=True,
-    ), "arguments"
-
-
-def make_task(params: Params | None, path: Path, stage: str, common: dict[str, Any], shards: list[str] | None):
-    """The task (or mapped tasks, one per shard) for a stage, by the launcher of its resource profile."""
-    profile = params.profile_for(stage) if params else None
-    launcher = profile.launcher if profile else "local"
-    if launcher == "local":  # papermill here; the shard goes to the notebook's parameters
-        cls, kw, field = StageOperator, {"params_path": str(path), "stage": stage}, "shard"
-        per_shard = list(shards or [None])
-    else:  # the kernel image's entry point; the shard goes on its command line
-        cls, kw, field = (_docker_task if launcher == "docker" else _k8s_task)(params, profile)
-        per_shard = [_stage_command(path, stage, s) for s in (shards or [None])]
-    if shards:  # dynamic task mapping: one task instance per row shard, whatever the launcher
-        return cls.partial(**kw, **common).expand(**{field: per_shard})
-    return cls(**kw, **common, **{field: per_shard[0]})
+    return k8s.V1Toleration(**t)
 
 
 def _dag_section(path: Path) -> tuple[dict[str, Any] | None, bool]:
@@ -203,23 +152,25 @@ def _dag_section(path: Path) -> tuple[dict[str, Any] | None, bool]:
 
 
 def build_dag(path: Path) -> DAG | None:
-    dag_raw, is_params = _dag_section(path)
+    _, is_params = _dag_section(path)
     if not is_params:
         return None
-    dag_id = f"helical_{path.stem}"
     params: Params | None = None
     problems: list[str] = []
     try:
         params = load_params(path, check_files=False)
     except ParamsError as e:
         problems = e.problems
-    doc = f"Workflow for `{path.name}`: load → tokenize → fine_tune → evaluate, each a papermill notebook."
+    chain = " → ".join(s.name for s in stages.STAGES)
+    doc = f"Workflow for `{path.name}`: {chain}, each a papermill notebook."
     if problems:
-        doc += "\n\n**This params file is invalid; runs fail at validation:**\n\n" + "\n".join(f"- {p}" for p in problems)
+        doc += "\n\n**This params file is invalid; runs fail at validation:**\n\n" + "\n".join(
+            f"- {p}" for p in problems
+        )
     d = params.dag if params and params.dag else None
     start = d.start_date if d else datetime(2026, 1, 1).date()
     dag = DAG(
-        dag_id=dag_id,
+        dag_id=f"helical_{path.stem}",
         description=(params.description if params else "invalid params file")[:200] or None,
         schedule=(d.schedule if d else None),
         start_date=datetime(start.year, start.month, start.day),
@@ -230,27 +181,29 @@ def build_dag(path: Path) -> DAG | None:
         render_template_as_native_obj=True,
         default_args={"owner": "helical-workflow"},
     )
-    previous = None
-    for stage in STAGES:
-        profile = params.profile_for(stage) if params else None
-        kw: dict[str, Any] = {}
+    tasks: dict[str, Any] = {}
+    for stage in stages.STAGES:
+        profile = params.profile_for(stage.name) if params else None
+        common: dict[str, Any] = dict(
+            task_id=stage.name,
+            dag=dag,
+            retries=profile.retries if profile else 0,
+            retry_delay=timedelta(seconds=30),
+            doc_md=stage.description or None,
+        )
         if profile and profile.pool:
-            kw["pool"] = profile.pool
-        common = dict(task_id=stage, dag=dag, retries=profile.retries if profile else 0,
-                      retry_delay=timedelta(seconds=30), **kw)
-        n = params.tokenize.shards if params else 1
-        # dynamic task mapping: one task instance per row shard
-        shards = [f"{i}/{n}" for i in range(n)] if stage == "tokenize" and n > 1 else None
-        task = make_task(params, path, stage, common, shards)
-        if previous is not None:
-            previous >> task
-        previous = task
+            common["pool"] = profile.pool
+        if params is None:  # invalid file: local tasks whose first run explains the problem
+            common["retries"] = 0
+        tasks[stage.name] = make_task(params, path, stage, common)
+        for up in stage.upstream:
+            tasks[up] >> tasks[stage.name]
     return dag
 
 
 def params_dir_default() -> Path:
     env = os.environ.get(PARAMS_DIR_ENV)
-    return Path(env) if env else launch.project_root() / "params"
+    return Path(env) if env else launchers.project_root() / "params"
 
 
 def build_dags(params_dir: Path | None = None) -> dict[str, DAG]:

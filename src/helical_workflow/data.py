@@ -2,6 +2,12 @@
 
 The count matrix is never loaded whole: :class:`CountsReader` reads row ranges straight
 from the HDF5 file (``X``, ``raw/X`` or ``layers/<name>``), CSR or dense.
+
+Missing labels follow one rule, here, for the load stage and the ``tokenize`` command alike:
+:func:`missing_labels` says which cells have none (NaN/None, or an empty or blank string) and
+:func:`check_labels` decides: no label for any cell is an error naming the column and the
+fix; some cells without one are counted and logged, and left out of training (the load
+stage marks them ``excluded`` in ``split.csv``; the ``tokenize`` command writes a null label).
 """
 
 from __future__ import annotations
@@ -92,8 +98,14 @@ class _RawLayout:
     @classmethod
     def of(cls, f, ds) -> "_RawLayout | None":
         try:
-            if (ds.ndim != 1 or ds.dtype.newbyteorder("=") != ds.dtype or ds.id.get_create_plist().get_nfilters()
-                    or f.id.get_create_plist().get_userblock() or f.driver != "sec2" or len(ds) == 0):
+            if (
+                ds.ndim != 1
+                or ds.dtype.newbyteorder("=") != ds.dtype
+                or ds.id.get_create_plist().get_nfilters()
+                or f.id.get_create_plist().get_userblock()
+                or f.driver != "sec2"
+                or len(ds) == 0
+            ):
                 return None
             if ds.chunks is None:
                 off = ds.id.get_offset()
@@ -151,9 +163,11 @@ class CountsReader:
         self._f = open_h5(path)
         key = _matrix_key(source)
         if key not in self._f:
-            available = ["X"] + (["raw"] if "raw/X" in self._f else []) + [
-                f"layer:{k}" for k in self._f.get("layers", {}).keys()
-            ]
+            available = (
+                ["X"]
+                + (["raw"] if "raw/X" in self._f else [])
+                + [f"layer:{k}" for k in self._f.get("layers", {}).keys()]
+            )
             self._f.close()
             raise DatasetError(
                 f"{path}: no count matrix at '{source}'. Fix: set data.counts to one of {', '.join(available)}."
@@ -173,7 +187,9 @@ class CountsReader:
             self._m = node
         else:
             self._f.close()
-            raise DatasetError(f"{path}: '{source}' has unsupported encoding {enc!r}. Fix: store counts as CSR or dense.")
+            raise DatasetError(
+                f"{path}: '{source}' has unsupported encoding {enc!r}. Fix: store counts as CSR or dense."
+            )
         self.sparse = enc == "csr_matrix"
         self._node = node
         self._raw: dict[str, _RawLayout | None] = {}  # per CSR dataset, found on first read
@@ -191,8 +207,9 @@ class CountsReader:
             return block.tocsr()
         return np.asarray(block) if dense_ok else sp.csr_matrix(np.asarray(block))
 
-    def csr_arrays(self, start: int, stop: int, buffers: dict[str, np.ndarray] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def csr_arrays(
+        self, start: int, stop: int, buffers: dict[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows [start, stop) of a CSR matrix as raw (indptr from 0, indices, data), read
         straight from the HDF5 datasets. With ``buffers`` (a dict kept between calls) the
         arrays are read into reused memory: valid until the next call."""
@@ -269,8 +286,10 @@ class ObsColumns:
                 self._read[name] = lambda a, b, node=node: node[a:b]
             else:
                 self._f.close()
-                raise DatasetError(f"{path}: obs column {name!r} has encoding {enc!r}, which cannot be read by rows. "
-                                   "Fix: store it as a categorical, string or numeric column.")
+                raise DatasetError(
+                    f"{path}: obs column {name!r} has encoding {enc!r}, which cannot be read by rows. "
+                    "Fix: store it as a categorical, string or numeric column."
+                )
         self.n_obs = int(obs[index].shape[0])
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -294,6 +313,7 @@ def _categorical_reader(categories: np.ndarray, codes):
         out = categories.astype(object)[c]
         out[c < 0] = np.nan  # as pandas shows a missing category
         return out
+
     return read
 
 
@@ -305,7 +325,38 @@ def _nullable_reader(values, mask):
         out = v.astype(object)
         out[m] = np.nan
         return out
+
     return read
+
+
+def missing_labels(values) -> np.ndarray:
+    """Which cells have no label (bool per cell): NaN, None or NA, or an empty or blank string."""
+    codes, uniques = pd.factorize(values if isinstance(values, pd.Series) else np.asarray(values, dtype=object))
+    blank = [str(u).strip() == "" for u in uniques]  # a few distinct labels: decided once each
+    return np.array([*blank, True], dtype=bool)[codes]  # code -1: NaN, None or NA
+
+
+def check_labels(key: str, missing: np.ndarray, *, dataset: str, fix: str) -> int:
+    """The missing-label rule (``missing``: :func:`missing_labels` of the cells concerned).
+
+    No label for any cell is a DatasetError naming the column and ``fix``; otherwise the
+    number of cells without one is returned, and logged when there are some: the caller
+    reports it and leaves those cells out of training.
+    """
+    n, k = len(missing), int(np.count_nonzero(missing))
+    if n and k == n:
+        raise DatasetError(
+            f"label column {key!r} of {dataset} has no value for any of its {n} cells (all NaN or empty). Fix: {fix}."
+        )
+    if k:
+        log.warning(
+            "label column %r of %s: %d of %d cells have no label (NaN or empty); they are left out of training",
+            key,
+            dataset,
+            k,
+            n,
+        )
+    return k
 
 
 def gene_table(adata, params: "Params") -> pd.DataFrame:
@@ -319,7 +370,8 @@ def gene_table(adata, params: "Params") -> pd.DataFrame:
     else:
         where = "adata.raw.var" if params.data.counts == "raw" else "adata.var"
         raise DatasetError(
-            f"data.gene_names: column {col!r} is not in {where} (columns: {', '.join(map(str, var.columns)) or 'none'}). "
+            f"data.gene_names: column {col!r} is not in {where} "
+            f"(columns: {', '.join(map(str, var.columns)) or 'none'}). "
             "Fix: name one of those columns, or use 'index' for the var names."
         )
     return pd.DataFrame({"gene": names.values}, index=var.index.astype(str))
@@ -337,14 +389,21 @@ def check_dataset(params: "Params", adata=None) -> dict[str, Any]:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DatasetError(f"{params.data_path}: the dataset is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
     labels = adata.obs[key]
-    if labels.isna().all():
-        raise DatasetError(f"data.label_key: column {key!r} has no values. Fix: pick a labelled column.")
+    missing = missing_labels(labels)
+    n_missing = check_labels(key, missing, dataset=params.data_path.name, fix="set data.label_key to a labelled column")
     with CountsReader(params.data_path, params.data.counts) as r:
         shape = r.shape
     genes = gene_table(adata, params)
     if shape[1] != len(genes):
-        raise DatasetError(f"{params.data_path}: counts at '{params.data.counts}' have {shape[1]} genes but var has {len(genes)}.")
-    return {"n_cells": int(shape[0]), "n_genes": int(shape[1]), "n_labels": int(labels.nunique())}
+        raise DatasetError(
+            f"{params.data_path}: counts at '{params.data.counts}' have {shape[1]} genes but var has {len(genes)}."
+        )
+    return {
+        "n_cells": int(shape[0]),
+        "n_genes": int(shape[1]),
+        "n_labels": int(labels[~missing].nunique()),
+        "missing_labels": n_missing,
+    }
 
 
 def file_sha256(path: Path, block: int = 1 << 22) -> str:
@@ -370,15 +429,17 @@ def compute_qc(params: "Params", obs_names: pd.Index, genes: pd.DataFrame) -> QC
         for start, block in r.chunks(params.data.chunk_size):
             data = block.data
             if data.size and not np.isfinite(data).all():
-                bad = int(start + np.unique(np.nonzero(~np.isfinite(block.toarray()))[0])[0])
+                first = np.flatnonzero(~np.isfinite(data))[0]  # its row: the last one starting at or before it
+                bad = start + int(np.searchsorted(block.indptr, first, side="right")) - 1
                 raise DatasetError(
                     f"{params.data_path}: counts at '{params.data.counts}' contain NaN or infinite values "
                     f"(first in cell {obs_names[bad]!r}). Fix: use raw counts (set data.counts) or clean the matrix."
                 )
             if data.size and data.min() < 0:
                 raise DatasetError(
-                    f"{params.data_path}: counts at '{params.data.counts}' contain negative values (min {data.min():g}); "
-                    "this looks like scaled data, not counts. Fix: point data.counts at raw counts (X, raw or layer:<name>)."
+                    f"{params.data_path}: counts at '{params.data.counts}' contain negative values "
+                    f"(min {data.min():g}); this looks like scaled data, not counts. "
+                    "Fix: point data.counts at raw counts (X, raw or layer:<name>)."
                 )
             block.eliminate_zeros()
             n_counts.append(np.asarray(block.sum(axis=1)).ravel())
@@ -393,12 +454,13 @@ def compute_qc(params: "Params", obs_names: pd.Index, genes: pd.DataFrame) -> QC
     return QC(cells=cells, genes=genes)
 
 
-def stratified_split(labels: pd.Series, *, train: float, validation: float, test: float, seed: int,
-                     min_cells: int, stratify: bool = True) -> pd.Series:
+def stratified_split(
+    labels: pd.Series, *, train: float, validation: float, test: float, seed: int, min_cells: int, stratify: bool = True
+) -> pd.Series:
     """Assign each cell to train / validation / test, per class when stratified.
 
     Deterministic for a seed. Classes with fewer than ``min_cells`` cells, and cells with no
-    label, are marked ``excluded`` (reported by the load stage).
+    label (NA), are marked ``excluded`` (reported by the load stage).
     """
     rng = np.random.default_rng(seed)
     out = pd.Series("excluded", index=labels.index, dtype=object)
@@ -420,30 +482,41 @@ def stratified_split(labels: pd.Series, *, train: float, validation: float, test
 
 
 def load_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
-    """The load stage: validate, QC, split; writes ``load/`` atomically. Returns the summary."""
+    """The load stage: validate, QC, split; writes ``load/`` atomically. Returns the summary.
+
+    Cells without a label (:func:`missing_labels`) are split ``excluded`` (empty label in
+    ``split.csv``) and counted in the summary's ``missing_labels``."""
     run_dir = Path(run_dir)
     adata = open_backed(params.data_path)
     try:
         info = check_dataset(params, adata)
         obs = adata.obs
         genes = gene_table(adata, params)
-        labels = obs[params.data.label_key].astype("object").where(obs[params.data.label_key].notna(), None)
+        key = params.data.label_key
+        labels = obs[key].astype("object").where(~missing_labels(obs[key]), None)  # missing: excluded below
     finally:
         adata.file.close()
     qc = compute_qc(params, obs.index.astype(str), genes)
     s = params.data.split
     split = stratified_split(
-        labels.astype("string"), train=s.train, validation=s.validation, test=s.test, seed=s.seed,
-        min_cells=params.data.min_cells_per_class, stratify=s.stratify,
+        labels.astype("string"),
+        train=s.train,
+        validation=s.validation,
+        test=s.test,
+        seed=s.seed,
+        min_cells=params.data.min_cells_per_class,
+        stratify=s.stratify,
     )
-    table = pd.DataFrame({
-        "cell_id": obs.index.astype(str),
-        "row": np.arange(len(obs)),
-        "label": labels.values,
-        "split": split.values,
-        "total_counts": qc.cells["total_counts"].values,
-        "n_genes": qc.cells["n_genes"].values,
-    })
+    table = pd.DataFrame(
+        {
+            "cell_id": obs.index.astype(str),
+            "row": np.arange(len(obs)),
+            "label": labels.values,
+            "split": split.values,
+            "total_counts": qc.cells["total_counts"].values,
+            "n_genes": qc.cells["n_genes"].values,
+        }
+    )
     used = table[table.split != "excluded"]
     if used.empty:
         raise DatasetError(
@@ -515,8 +588,6 @@ def make_demo_dataset(out: Path) -> Path:
     obs = src.obs[["bulk_labels", "n_genes", "percent_mito", "n_counts", "phase", "louvain"]].copy()
     var = pd.DataFrame(index=src.raw.var_names.astype(str))
     ad = anndata.AnnData(X=counts, obs=obs, var=var)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    ad.write_h5ad(tmp)
-    tmp.replace(out)
+    with runs.atomic(out) as tmp:
+        ad.write_h5ad(tmp)
     return out

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from . import data as data_mod
-from . import runs, train
+from . import model as model_mod
+from . import modeling, runs, stages
 from . import tokenize as tok
 
 if TYPE_CHECKING:
@@ -19,13 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OUTPUT = "evaluate"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+OUTPUT = stages.get("evaluate").output
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -34,17 +29,20 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[s
     ids = list(range(len(names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     return {
-        **train.macro_scores(y_true, y_pred),
+        **modeling.macro_scores(y_true, y_pred),
         "n_cells": int(len(y_true)),
         "n_classes": len(names),
-        "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                      for i, n in enumerate(names)},
+        "per_class": {
+            n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, n in enumerate(names)
+        },
         "confusion_matrix": {"labels": names, "matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist()},
     }
 
 
 def expression_baseline(params: "Params", run_dir: Path, names: list[str]) -> dict[str, Any]:
     """Logistic regression on log-normalised expression of the same train/test split."""
+    import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
 
     split = data_mod.read_split(run_dir)
@@ -52,33 +50,29 @@ def expression_baseline(params: "Params", run_dir: Path, names: list[str]) -> di
     keep = split[split.split.isin(["train", "test"])]
     wanted = np.zeros(len(split), dtype=bool)
     wanted[keep["row"].to_numpy()] = True
-    import scipy.sparse as sp
-
     blocks = []
     with data_mod.CountsReader(params.data_path, params.data.counts) as r:
         for start, block in r.chunks(params.data.chunk_size):
             sel = np.nonzero(wanted[start : start + block.shape[0]])[0]
             if sel.size:
                 blocks.append(block[sel].astype(np.float64))
-    X = sp.vstack(blocks).tocsr()
-    tot = np.asarray(X.sum(axis=1)).ravel()
-    tot[tot == 0] = 1
-    X = sp.diags(1e4 / tot) @ X
-    X.data = np.log1p(X.data)
+    X = model_mod.normalize_total(sp.vstack(blocks), log1p=True)
     order = keep.sort_values("row")
     y = order["label"].astype(str).map(label_ids).to_numpy()
     is_train = (order["split"] == "train").to_numpy()
     clf = LogisticRegression(max_iter=2000)
     clf.fit(X[is_train], y[is_train])
     pred = clf.predict(X[~is_train])
-    return train.macro_scores(y[~is_train], pred)
+    return modeling.macro_scores(y[~is_train], pred)
 
 
 def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
+    import scipy.special
+
     run_dir = Path(run_dir)
-    device = train.device_for(params, "evaluate")
-    bs = train.batch_size(params, "evaluate")
-    model, labels = train.load_trained(params, run_dir, batch_size=bs, device=device)
+    device = modeling.device_for(params, "evaluate")
+    bs = modeling.batch_size(params, "evaluate")
+    model, labels = modeling.load_trained(params, run_dir, batch_size=bs, device=device)
     names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
     ds = tok.load_tokenized(run_dir, expected=params.tokenize.shards)
     if params.fine_tune.implementation == "helical":  # helical's own inference path
@@ -89,26 +83,29 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
         embeddings = model.get_embeddings(test)
         y_true, cell_ids = np.asarray(test["label_id"]), list(test["cell_id"])
     else:
-        store = train.TokenStore(ds)
-        idx = np.nonzero((store.split == "test") & (store.lengths > 0))[0]
+        store = modeling.TokenStore(ds)
+        idx = store.indices("test")
         if len(idx) == 0:
             raise ValueError("the test split is empty. Fix: raise data.split.test or lower min_cells_per_class.")
         profile = params.profile_for("evaluate")
-        logits, embeddings = train.predict(model, store, idx, batch_size=bs, device=device,
-                                           precision=profile.precision, pad_id=model.pad_token_id)
+        logits, embeddings = modeling.predict(
+            model, store, idx, batch_size=bs, device=device, precision=profile.precision, pad_id=model.pad_token_id
+        )
         y_true, cell_ids = store.labels[idx], [store.cell_id[i] for i in idx]
     y_pred = logits.argmax(1)
-    probs = softmax(logits)
+    probs = scipy.special.softmax(logits, axis=1)
     metrics = classification_metrics(y_true, y_pred, names)
     metrics["chance_accuracy"] = float(np.bincount(y_true).max() / len(y_true))
     metrics["n_cells"] = int(len(y_true))
     metrics["baseline_logreg"] = expression_baseline(params, run_dir, names)
-    preds = pd.DataFrame({
-        "cell_id": cell_ids,
-        "true_label": [names[i] for i in y_true],
-        "predicted_label": [names[i] for i in y_pred],
-        "confidence": probs.max(1),
-    })
+    preds = pd.DataFrame(
+        {
+            "cell_id": cell_ids,
+            "true_label": [names[i] for i in y_true],
+            "predicted_label": [names[i] for i in y_pred],
+            "confidence": probs.max(1),
+        }
+    )
     with runs.stage_output(run_dir, OUTPUT) as tmp:
         preds.to_csv(tmp / "predictions.csv", index=False)
         np.save(tmp / "logits.npy", logits.astype(np.float32))
@@ -136,8 +133,15 @@ def plot_confusion(cm: dict[str, Any], path: Path) -> None:
     for i in range(n):
         for j in range(n):
             if m[i, j]:
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(m[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test split, row-normalised colour)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()

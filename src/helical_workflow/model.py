@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import pickle
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from . import runs
 
 if TYPE_CHECKING:
     from .params import Params
@@ -63,15 +63,6 @@ def missing_files(params: "Params") -> list[Path]:
     if not any((p["model_files_dir"] / w).is_file() for w in WEIGHT_FILES):
         missing.append(p["model_files_dir"] / WEIGHT_FILES[1])
     return missing
-
-
-def load_dictionaries(params: "Params") -> dict[str, dict]:
-    p = model_paths(params)
-    out = {}
-    for key, name in (("gene_median", "gene_median_path"), ("token", "token_path"), ("ensembl_mapping", "ensembl_dict_path")):
-        with open(p[name], "rb") as f:
-            out[key] = pickle.load(f)
-    return out
 
 
 @contextlib.contextmanager
@@ -139,9 +130,7 @@ def ensure_model_files(params: "Params", run_dir: Path | None = None) -> dict[st
 
 
 def _build_lock(dir_: Path):
-    from .runs import file_lock
-
-    return file_lock(Path(dir_) / ".build.lock")
+    return runs.file_lock(Path(dir_) / ".build.lock")
 
 
 def _local_gene_ids(genes: list[str]) -> dict[str, str]:
@@ -174,10 +163,7 @@ def build_local_dictionaries(params: "Params", run_dir: Path, max_cells: int = 2
     with CountsReader(params.data_path, params.data.counts) as r:
         stop = min(r.n_obs, max_cells)
         for _, block in r.chunks(params.data.chunk_size, 0, stop):
-            block = block.astype(np.float64)
-            tot = np.asarray(block.sum(axis=1)).ravel()
-            tot[tot == 0] = 1
-            norm = sp_diag_scale(block, 10_000 / tot).tocsc()
+            norm = normalize_total(block).tocsc()
             for j in np.nonzero(detected)[0]:
                 v = norm.data[norm.indptr[j] : norm.indptr[j + 1]]
                 if v.size:
@@ -195,21 +181,29 @@ def build_local_dictionaries(params: "Params", run_dir: Path, max_cells: int = 2
     for s in uniq:
         mapping[s.upper()] = ids[s]
         mapping[ids[s]] = ids[s]
-    vdir = paths["version_dir"]
-    vdir.mkdir(parents=True, exist_ok=True)
-    for name, obj in (("gene_median_dictionary.pkl", medians), ("token_dictionary.pkl", token),
-                      ("ensembl_mapping_dict.pkl", mapping)):
-        tmp = vdir / f".{name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
+    write_dictionaries(paths["version_dir"], token=token, medians=medians, mapping=mapping)
+
+
+def write_dictionaries(folder: Path, *, token: dict, medians: dict, mapping: dict) -> Path:
+    """Geneformer's three dictionaries (token ids, gene medians, Ensembl mapping) in helical's file names."""
+    folder = Path(folder)
+    for name, obj in zip(DICTIONARIES, (medians, token, mapping), strict=True):
+        with runs.atomic(folder / name) as tmp, open(tmp, "wb") as f:
             pickle.dump(obj, f)
-        os.replace(tmp, vdir / name)
+    return folder
 
 
-def sp_diag_scale(block, factors: np.ndarray):
-    """Scale the rows of a CSR matrix (returns a new matrix)."""
+def normalize_total(counts, target_sum: float = 10_000, *, log1p: bool = False):
+    """Counts scaled to ``target_sum`` per cell (rows; empty rows stay zero), then ``log1p`` if asked:
+    scanpy's ``normalize_total`` (+ ``log1p``) on a sparse matrix, as float64 CSR."""
     import scipy.sparse as sp
 
-    return sp.diags(factors) @ block
+    X = sp.csr_matrix(counts, dtype=np.float64)
+    tot = np.asarray(X.sum(axis=1)).ravel()
+    X = sp.diags(target_sum / np.where(tot == 0, 1, tot)) @ X
+    if log1p:
+        X.data = np.log1p(X.data)
+    return X
 
 
 def build_local_weights(params: "Params") -> None:
@@ -236,14 +230,9 @@ def build_local_weights(params: "Params") -> None:
     )
     torch.manual_seed(params.model.seed)
     model = BertForMaskedLM(cfg)
-    out = paths["model_files_dir"]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"note": "local tiny Geneformer-shaped model built by helical-workflow"}, tmp / "training_args.bin")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with runs.atomic(paths["model_files_dir"], directory=True) as tmp:
+        model.save_pretrained(tmp)
+        torch.save({"note": "local tiny Geneformer-shaped model built by helical-workflow"}, tmp / "training_args.bin")
 
 
 def build_local_tiny_model(params: "Params", run_dir: Path) -> None:
@@ -275,9 +264,12 @@ def load_fine_tuning_model(params: "Params", *, n_classes: int, batch_size: int,
     missing = missing_files(params)
     if missing:
         raise ModelFilesMissing(
-            "model files missing: " + ", ".join(map(str, missing))
+            "model files missing: "
+            + ", ".join(map(str, missing))
             + ". Fix: run the tokenize stage first (it builds or downloads them)."
         )
     cfg = geneformer_config(params, batch_size=batch_size, device=device)
     with cache_only_downloader(cache_root(params.model_cache_prefix)):
-        return GeneformerFineTuningModel(geneformer_config=cfg, fine_tuning_head="classification", output_size=n_classes)
+        return GeneformerFineTuningModel(
+            geneformer_config=cfg, fine_tuning_head="classification", output_size=n_classes
+        )

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import stages
+
 # Geneformer models known to helical 2.2.0 (mirrors helical's GeneformerConfig.model_map,
 # kept here so that validation does not import helical or torch).
 GENEFORMER_MODELS: dict[str, dict[str, Any]] = {
@@ -33,8 +35,6 @@ GENEFORMER_MODELS: dict[str, dict[str, Any]] = {
     "gf-12L-104M-i4096-CLcancer": {"input_size": 4096, "special_token": True, "embsize": 768, "version": "v3"},
     "gf-18L-316M-i4096": {"input_size": 4096, "special_token": True, "embsize": 1152, "version": "v3"},
 }
-
-STAGES = ("load", "tokenize", "fine_tune", "evaluate")
 
 OUTPUTS_ENV = "HELICAL_WORKFLOW_OUTPUTS"
 PUSHGATEWAY_ENV = "HELICAL_PUSHGATEWAY"
@@ -66,8 +66,7 @@ class SplitParams(_Strict):
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(
-                f"train + validation + test must add up to 1 (they add up to {total:g}); "
-                "adjust the fractions"
+                f"train + validation + test must add up to 1 (they add up to {total:g}); adjust the fractions"
             )
         return self
 
@@ -121,7 +120,8 @@ class ModelParams(_Strict):
 
 class TokenizeParams(_Strict):
     implementation: Literal["streaming", "helical"] = Field(
-        "streaming", description="streaming: backed-mode, sharded, token-identical to helical; helical: the reference")
+        "streaming", description="streaming: backed-mode, sharded, token-identical to helical; helical: the reference"
+    )
     shards: int = Field(1, ge=1, le=1024, description="row shards, one Airflow task each")
     workers: int | None = Field(None, ge=1, description="processes within one shard; default: the profile's cpus")
     chunk_size: int = Field(2048, ge=1)
@@ -129,7 +129,8 @@ class TokenizeParams(_Strict):
 
 class FineTuneParams(_Strict):
     implementation: Literal["batched", "helical"] = Field(
-        "batched", description="batched: our AMP loop around helical's model; helical: GeneformerFineTuningModel.train")
+        "batched", description="batched: our AMP loop around helical's model; helical: GeneformerFineTuningModel.train"
+    )
     epochs: int = Field(1, ge=1)
     batch_size: int | None = Field(None, ge=1, description="default: the profile's batch_size")
     learning_rate: float = Field(1e-4, gt=0)
@@ -140,8 +141,10 @@ class FineTuneParams(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     freeze_layers: int = Field(0, ge=0)
     encoder_dropout: bool = Field(
-        False, description="true: dropout in the encoder while training; false (default): encoder in eval mode, as "
-        "helical's train runs it (results comparable to helical, about 2x faster on CPU)")
+        False,
+        description="true: dropout in the encoder while training; false (default): encoder in eval mode, as "
+        "helical's train runs it (results comparable to helical, about 2x faster on CPU)",
+    )
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     early_stopping_patience: int | None = Field(None, ge=1, description="epochs without a better validation macro-F1")
     shuffle: bool = True
@@ -204,17 +207,30 @@ class Params(_Strict):
     fine_tune: FineTuneParams = FineTuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     profile: str = "cpu"
-    stage_profiles: dict[Literal["load", "tokenize", "fine_tune", "evaluate"], str] = {}
+    stage_profiles: dict[str, str] = Field({}, description="resource profile per stage name")
     tracking: TrackingParams = TrackingParams()
     outputs_dir: str = "outputs"
     dag: DagParams | None = None
+
+    @field_validator("stage_profiles")
+    @classmethod
+    def _known_stages(cls, v: dict[str, str]) -> dict[str, str]:
+        known = stages.names()
+        for name in v:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"unknown stage {name!r}; stages: {', '.join(known)}.{hint}")
+        return v
 
     @model_validator(mode="before")
     @classmethod
     def _empty_sections_are_defaults(cls, raw: Any) -> Any:
         if isinstance(raw, dict):
-            raw = {k: ({} if v is None and k in ("model", "tokenize", "fine_tune", "evaluate", "tracking") else v)
-                   for k, v in raw.items()}
+            raw = {
+                k: ({} if v is None and k in ("model", "tokenize", "fine_tune", "evaluate", "tracking") else v)
+                for k, v in raw.items()
+            }
         return raw
 
     # Filled in by load_params, not by the file.
@@ -254,8 +270,25 @@ class Params(_Strict):
         """The parameters as they were resolved for a run (JSON-serialisable)."""
         d = self.model_dump(mode="json")
         d["data"]["path"] = str(self.data_path)
-        d["resolved_profiles"] = {s: self.profile_for(s).model_dump(mode="json") for s in STAGES}
+        d["resolved_profiles"] = {s: self.profile_for(s).model_dump(mode="json") for s in stages.names()}
         return d
+
+    def resolved(self) -> dict[str, Any]:
+        """The file's content with every path made absolute: valid wherever the file is written."""
+        d = self.model_dump(mode="json")
+        d["data"]["path"] = str(self.data_path)
+        d["outputs_dir"] = str(self.outputs_path)
+        if self.model.cache_dir:
+            d["model"]["cache_dir"] = str(self.resolve(self.model.cache_dir))
+        return d
+
+    def payload(self) -> dict[str, Any]:
+        """Everything a stage needs to rebuild these params elsewhere (see :func:`params_from_payload`)."""
+        return {"params": self.resolved(), "profiles": {k: p.model_dump(mode="json") for k, p in self.profiles.items()}}
+
+    def save(self, folder: Path) -> Path:
+        """Write these params (absolute paths) and their profiles into ``folder``; returns the params file."""
+        return write_payload(self.payload(), folder)
 
 
 class ProfilesFile(_Strict):
@@ -337,8 +370,10 @@ def data_file_problems(params: Params) -> list[str]:
         return [f"data.path: {dp.name} does not end in .h5ad. Fix: convert it with anndata (AnnData.write_h5ad)."]
     with open(dp, "rb") as f:
         if f.read(8) != b"\x89HDF\r\n\x1a\n":
-            return [f"data.path: {dp} is not an HDF5/.h5ad file (bad signature; truncated or another format). "
-                    "Fix: re-export it with AnnData.write_h5ad."]
+            return [
+                f"data.path: {dp} is not an HDF5/.h5ad file (bad signature; truncated or another format). "
+                "Fix: re-export it with AnnData.write_h5ad."
+            ]
     return []
 
 
@@ -346,6 +381,23 @@ def find_project_root(params_path: Path) -> Path:
     """The folder that holds ``params/``: relative paths in a params file resolve from it."""
     parent = params_path.resolve().parent
     return parent.parent if parent.name == "params" else parent
+
+
+def write_payload(payload: dict[str, Any], folder: Path) -> Path:
+    """Write a params payload as ``folder/<experiment>.yaml`` + ``folder/profiles.yaml`` (atomically)."""
+    from .runs import write_text
+
+    folder = Path(folder)
+    raw = payload["params"]
+    path = folder / f"{raw['experiment']}.yaml"
+    write_text(folder / "profiles.yaml", yaml.safe_dump({"profiles": payload["profiles"]}, sort_keys=False))
+    write_text(path, yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def params_from_payload(payload: dict[str, Any], folder: Path, *, check_files: bool = True) -> Params:
+    """Params rebuilt from :meth:`Params.payload` (what the container launchers pass), validated."""
+    return load_params(write_payload(payload, folder), check_files=check_files)
 
 
 def load_params(path: str | os.PathLike, *, check_files: bool = True) -> Params:

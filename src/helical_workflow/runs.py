@@ -12,15 +12,26 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import platform
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from . import stages
+from .stages import Shard, Stage
+
+if TYPE_CHECKING:
+    from .params import Params
+    from .tracking import MlflowRun, StageMetrics
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "run.json"
 SUBDIRS = ("notebooks", "reports", "metrics")
@@ -38,31 +49,8 @@ def run_dir_for(outputs: Path, experiment: str, run_id: str) -> Path:
     return Path(outputs) / experiment / safe_run_id(run_id)
 
 
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """'I/N' (0-based I) -> (I, N); None -> (0, 1)."""
-    if not text:
-        return 0, 1
-    try:
-        i, n = (int(x) for x in str(text).split("/"))
-    except ValueError:
-        raise ValueError(f"shard {text!r} is not of the form I/N (e.g. 0/4)") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {text!r}: need 0 <= I < N")
-    return i, n
-
-
-def shard_name(i: int, n: int) -> str:
-    """The name of shard i of n: output folders, run.json keys, notebook and metrics files."""
-    return f"shard-{i:05d}-of-{n:05d}"
-
-
-def stage_key(stage: str, shard: str | None) -> str:
-    """``stage``, or ``stage.shard-0000i-of-0000n`` for one shard of a sharded stage."""
-    return stage if shard is None else f"{stage}.{shard_name(*parse_shard(shard))}"
-
-
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager
@@ -89,25 +77,31 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def update_manifest(run_dir: Path, change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     """Apply ``change`` to run.json under the run folder's lock and write it atomically."""
     run_dir = Path(run_dir)
     with _locked(run_dir):
         data = read_manifest(run_dir)
         change(data)
-        _write_json_atomic(run_dir / MANIFEST, data)
+        write_json(run_dir / MANIFEST, data)
         return data
 
 
-def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+KERNEL_PACKAGES = (
+    "helical",
+    "torch",
+    "transformers",
+    "datasets",
+    "anndata",
+    "scanpy",
+    "numpy",
+    "mlflow",
+    "papermill",
+    "helical-workflow",
+)
+
+
+def package_versions(names: tuple[str, ...] = KERNEL_PACKAGES) -> dict[str, str]:
     from importlib import metadata
 
     out = {}
@@ -119,62 +113,55 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def init_run(run_dir: Path, *, experiment: str, run_id: str, params_snapshot: dict[str, Any]) -> dict[str, Any]:
-    """Create the run folder and its manifest (idempotent: a retry keeps what is there)."""
-    run_dir = Path(run_dir)
-    for sub in SUBDIRS:
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-
-    def change(m: dict[str, Any]) -> None:
-        m.setdefault("experiment", experiment)
-        m.setdefault("run_id", run_id)
-        m.setdefault("created", now_iso())
-        m["params"] = params_snapshot
-        m.setdefault("stages", {})
-        m.setdefault("host", platform.node())
-
-    return update_manifest(run_dir, change)
-
-
-def set_stage(run_dir: Path, stage: str, **fields: Any) -> dict[str, Any]:
-    def change(m: dict[str, Any]) -> None:
-        st = m.setdefault("stages", {}).setdefault(stage, {})
-        st.update(fields)
-
-    return update_manifest(run_dir, change)
-
-
-def stage_status(run_dir: Path, stage: str) -> str | None:
-    return read_manifest(run_dir).get("stages", {}).get(stage, {}).get("status")
-
-
 @contextlib.contextmanager
-def stage_output(run_dir: Path, name: str) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces ``run_dir/name`` atomically.
+def atomic(final: Path, *, directory: bool = False) -> Iterator[Path]:
+    """Write-then-rename: the one way anything in a run folder is written.
 
-    On any exception the temporary folder is removed and the previous output (if any)
-    is left untouched, so nothing half-written appears where the next stage reads.
+    Yields a fresh temporary path next to ``final`` (a created folder with ``directory``,
+    else a file path to write). On success it replaces ``final`` atomically; on any
+    exception the temporary is removed and the previous ``final`` (if any) is untouched,
+    so nothing half-written ever appears where a reader looks.
     """
-    run_dir = Path(run_dir)
-    final = run_dir / name
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
-    tmp.mkdir(parents=True)
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    tmp = final.with_name(f".{final.name}.tmp-{stamp}")
+    if directory:
+        tmp.mkdir()
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
-    old = None
-    if final.exists():
-        old = run_dir / f".{name}.old-{os.getpid()}-{int(time.time() * 1000)}"
+    if directory and final.exists():
+        old = final.with_name(f".{final.name}.old-{stamp}")
         os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
+        os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
-def require_stage_output(run_dir: Path, name: str, produced_by: str) -> Path:
+def write_text(path: Path, text: str) -> Path:
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def stage_output(run_dir: Path, name: str) -> contextlib.AbstractContextManager[Path]:
+    """A stage's output folder ``run_dir/name``, written atomically (see :func:`atomic`)."""
+    return atomic(Path(run_dir) / name, directory=True)
+
+
+def require_stage_output(run_dir: Path, name: str, produced_by: str | None = None) -> Path:
     """The folder a previous stage wrote, or a clear error saying which stage to run first."""
+    from . import stages
+
+    produced_by = produced_by or stages.producer(name).name
     path = Path(run_dir) / name
     if not path.is_dir():
         raise FileNotFoundError(
@@ -182,3 +169,271 @@ def require_stage_output(run_dir: Path, name: str, produced_by: str) -> Path:
             f"Fix: run the '{produced_by}' stage (notebook or Airflow task) for run folder {run_dir} first."
         )
     return path
+
+
+class StageFailed(RuntimeError):
+    """A stage failed or could not start. The executed notebook (with the error) is in the run folder."""
+
+
+class StageNotReady(StageFailed):
+    """A stage was started before its upstream stages succeeded in this run folder."""
+
+
+@dataclass
+class Attempt:
+    """One attempt of one stage (or one shard of it) in a run: what ``run.json`` records."""
+
+    stage: Stage
+    shard: Shard | None
+    run_dir: Path
+    status: str = "running"
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.stage.key(self.shard)
+
+    @property
+    def notebook(self) -> Path:
+        """The executed notebook: this attempt's report."""
+        return self.run_dir / "notebooks" / self.stage.notebook_name(self.shard)
+
+
+class Run:
+    """One workflow run: its folder, its ``run.json`` manifest, its params and its MLflow run.
+
+    ``Run.open`` creates the folder (idempotent: a retry keeps what is there) and writes the
+    run's resolved params into ``params/`` inside it, so every launcher and every notebook
+    reads the same parameters. Stages go through :meth:`attempt` (launcher side: status,
+    timings, errors, status metrics, report, MLflow) and :meth:`work` (notebook side: the
+    stage's own metrics).
+    """
+
+    def __init__(self, params: "Params", run_dir: Path, run_id: str | None = None):
+        self.params = params
+        self.dir = Path(run_dir).resolve()
+        self.run_id = run_id or self.dir.name
+
+    @classmethod
+    def open(
+        cls, params: "Params | str | os.PathLike", run_id: str | None = None, *, run_dir: Path | str | None = None
+    ) -> "Run":
+        from .params import Params, load_params
+
+        if not isinstance(params, Params):
+            params = load_params(params)
+        if run_dir is None:
+            if run_id is None:
+                raise ValueError("Run.open needs a run_id or a run_dir")
+            run_dir = run_dir_for(params.outputs_path, params.experiment, run_id)
+        run = cls(params, Path(run_dir), run_id)
+        run._create()
+        return run
+
+    def _create(self) -> None:
+        for sub in SUBDIRS:
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.params.save(self.dir / "params")
+
+        def change(m: dict[str, Any]) -> None:
+            m.setdefault("experiment", self.params.experiment)
+            m.setdefault("run_id", self.run_id)
+            m.setdefault("created", now_iso())
+            m.setdefault("host", platform.node())
+            m["params"] = self.params.snapshot()
+            m.setdefault("stages", {})
+
+        self.update(change)
+
+    def __repr__(self) -> str:
+        return f"Run({self.params.experiment!r}, {str(self.dir)!r})"
+
+    # --- the manifest ------------------------------------------------------------
+    @property
+    def params_file(self) -> Path:
+        """The run's own copy of its params (what notebooks and containers read)."""
+        return self.dir / "params" / f"{self.params.experiment}.yaml"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.dir)
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return _locked(self.dir)
+
+    def update(self, change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+        return update_manifest(self.dir, change)
+
+    def record(self, key: str) -> dict[str, Any]:
+        """What run.json holds for one stage key (``{}`` if it never ran)."""
+        return self.manifest.get("stages", {}).get(key, {})
+
+    def set_stage(self, key: str, **fields: Any) -> dict[str, Any]:
+        return self.update(lambda m: m.setdefault("stages", {}).setdefault(key, {}).update(fields))
+
+    def warn(self, message: str) -> None:
+        """A problem that must not fail the stage (MLflow or Pushgateway down): kept in run.json."""
+        log.warning("%s", message)
+        self.update(lambda m: m.setdefault("warnings", []).append(f"{now_iso()} {message}"))
+
+    # --- stage inputs and outputs ---------------------------------------------
+    def require_upstream(self, stage: Stage) -> None:
+        bad = {}
+        for up in stage.upstream:
+            for key in stages.get(up).keys(self.params):
+                status = self.record(key).get("status")
+                if status != "success":
+                    bad[key] = status or "not run"
+        if bad:
+            detail = ", ".join(f"{k}: {v}" for k, v in bad.items())
+            ups = ", ".join(f"'{u}'" for u in stage.upstream)
+            raise StageNotReady(
+                f"stage '{stage.name}' needs {ups} to have succeeded in {self.dir} ({detail}). Fix: run {ups} first."
+            )
+
+    def input(self, stage: str) -> Path:
+        """The output folder of an upstream stage, or a clear error naming the stage to run first."""
+        return require_stage_output(self.dir, stages.get(stage).output, stage)
+
+    def output(self, stage: str) -> contextlib.AbstractContextManager[Path]:
+        """A stage's output folder, written atomically."""
+        return stage_output(self.dir, stages.get(stage).output)
+
+    # --- tracking ----------------------------------------------------------------
+    @property
+    def mlflow(self) -> "MlflowRun":
+        from .tracking import MlflowRun
+
+        return MlflowRun.of(self)
+
+    @contextlib.contextmanager
+    def work(self, stage: str, shard: "Shard | str | None" = None) -> Iterator["StageMetrics"]:
+        """What a notebook wraps a stage's work in: its metrics file, the Pushgateway and MLflow.
+
+        The metrics are written whether the work succeeds or fails, so a failed stage still
+        reports how far it got. Marking the stage finished is the launcher's :meth:`attempt`.
+        """
+        from .tracking import PUSH_JOB_STAGE, StageMetrics
+
+        m = StageMetrics(self.params.experiment, stages.get(stage), Shard.parse(shard))
+        self.update(lambda man: man.setdefault("versions", {"python": platform.python_version(), **package_versions()}))
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            yield m
+            ok = True
+        finally:
+            m.set("helical_stage_work_seconds", time.perf_counter() - t0)
+            m.write(self.dir / "metrics" / f"{m.key}.prom")
+            if m.push(self.params.pushgateway, PUSH_JOB_STAGE) is False:
+                self.warn(f"metrics of {m.key} not pushed to the Pushgateway at {self.params.pushgateway}")
+            if ok:
+                self.mlflow.log_metrics({f"{m.key}.{k}": v for k, v in m.values.items()})
+
+    @contextlib.contextmanager
+    def attempt(
+        self, stage: str, shard: "Shard | str | None" = None, *, finalize: Callable[[Attempt], None] | None = None
+    ) -> Iterator[Attempt]:
+        """One stage attempt: marks it running, records status, timings and errors, writes the
+        status metrics and finalises (HTML report, MLflow), whatever the outcome.
+
+        ``finalize`` replaces the in-process :meth:`finalize` (the Airflow worker hands it to the
+        kernel environment, which has nbconvert and MLflow).
+        """
+        st = stages.get(stage)
+        shard = Shard.parse(shard)
+        self.require_upstream(st)
+        a = Attempt(st, shard, self.dir)
+        tries = int(self.record(a.key).get("attempt", 0)) + 1
+        self.set_stage(
+            a.key,
+            status="running",
+            started=now_iso(),
+            ended=None,
+            error=None,
+            attempt=tries,
+            notebook=str(a.notebook.relative_to(self.dir)),
+        )
+        t0 = time.perf_counter()
+        try:
+            yield a
+            a.status = "success"
+        except BaseException as e:  # recorded, then re-raised
+            a.status, a.error = "failed", f"{type(e).__name__}: {str(e)[-2000:]}"
+            raise
+        finally:
+            a.seconds = time.perf_counter() - t0
+            self.set_stage(a.key, status=a.status, ended=now_iso(), seconds=round(a.seconds, 3), error=a.error)
+            self._status_metrics(a)
+            try:
+                (finalize or self.finalize)(a)
+            except Exception as e:  # a report or MLflow problem never masks the stage's own result
+                self.warn(f"finalising {a.key} failed: {type(e).__name__}: {e}")
+
+    def _status_metrics(self, a: Attempt) -> None:
+        from .tracking import write_status_metrics
+
+        workflow_s = None
+        if a.stage.name == stages.last().name and a.status == "success":
+            created = self.manifest.get("created")
+            if created:
+                workflow_s = (datetime.now(UTC) - datetime.fromisoformat(created)).total_seconds()
+        if not write_status_metrics(self, a, workflow_s=workflow_s):
+            self.warn(f"status metrics of {a.key} not pushed to the Pushgateway at {self.params.pushgateway}")
+
+    def finalize(self, a: Attempt) -> Path | None:
+        """Render the executed notebook to HTML and log notebook, report and metrics to MLflow."""
+        html = None
+        if a.notebook.exists():
+            import nbformat
+            from nbconvert import HTMLExporter
+
+            body, _ = HTMLExporter().from_notebook_node(nbformat.read(a.notebook, as_version=4))
+            html = write_text(self.dir / "reports" / a.notebook.with_suffix(".html").name, body)
+        ml = self.mlflow
+        ml.log_metrics({f"{a.key}.duration_seconds": a.seconds, f"{a.key}.success": float(a.status == "success")})
+        for path, where in (
+            (a.notebook, "notebooks"),
+            (html, "reports"),
+            (self.dir / "metrics", "metrics"),
+            (self.dir / MANIFEST, None),
+        ):
+            if path is not None:
+                ml.log_artifacts(path, where)
+        if a.status != "success":
+            ml.terminate("FAILED")
+        elif a.stage.name == stages.last().name:
+            ml.terminate("FINISHED")
+        if html is not None:
+            print(f"report: {html}")
+        return html
+
+
+def notes_to_stdout() -> None:
+    """In a notebook: library warnings (ours, Python's ``warnings``) become short notes on stdout, not
+    red stderr boxes in the report; chatty INFO loggers of other libraries are quietened."""
+    import sys
+
+    if getattr(notes_to_stdout, "done", False):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("note: %(message)s"))
+    logging.captureWarnings(True)
+    for name in ("helical_workflow", "py.warnings"):
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO if name == "helical_workflow" else logging.WARNING)
+        lg.propagate = False
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    for name in ("mlflow", "alembic", "helical", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    notes_to_stdout.done = True  # type: ignore[attr-defined]
+
+
+def open_run(params_path: "str | os.PathLike", run_dir: "str | os.PathLike") -> Run:
+    """The notebooks' setup: the run folder ``run_dir`` for the params file ``params_path``."""
+    notes_to_stdout()
+    run = Run.open(params_path, run_dir=Path(run_dir))
+    print(f"experiment {run.params.experiment!r}, run folder {run.dir}")
+    return run

@@ -1,4 +1,4 @@
-"""Compiled (numba) inner loops of the streaming tokenizer's CSR fast path.
+"""Compiled (numba) inner loops of the rank-value encoding's CSR fast path (:mod:`.rank`).
 
 helical ranks a cell's genes with ``np.argsort(-values)``. Where a cell's values are all
 distinct that order is the one descending order there is, so any exact sort gives it; where
@@ -52,8 +52,7 @@ def _index_bits(n):
 
 
 @_jit
-def prepare(indptr, indices, data, recip, tsum, colmap, rmed, tokens, check, row_ok,
-            keys, neg, toks, out_ptr, forced):
+def prepare(indptr, indices, data, recip, tsum, colmap, rmed, tokens, check, row_ok, keys, neg, toks, out_ptr, forced):
     """Values and sort keys of the mapped genes of each row with ``row_ok``.
 
     ``indptr`` holds absolute offsets into ``indices``/``data``; outputs start at 0.
@@ -206,8 +205,23 @@ def warm_up() -> None:
     for dt in (np.float32, np.float64):
         keys, neg, toks, order = np.empty(2, np.uint32), np.empty(2), np.empty(2, np.int32), np.empty(2, np.int32)
         out_ptr, forced = np.empty(2, np.int64), np.zeros(1, np.bool_)
-        prepare(indptr, indices, np.ones(2, dt), np.ones(1, dt), dt(10000), colmap, rmed, tokens, ones, ones,
-                keys, neg, toks, out_ptr, forced)
+        prepare(
+            indptr,
+            indices,
+            np.ones(2, dt),
+            np.ones(1, dt),
+            dt(10000),
+            colmap,
+            rmed,
+            tokens,
+            ones,
+            ones,
+            keys,
+            neg,
+            toks,
+            out_ptr,
+            forced,
+        )
     keys.sort()
     resolve(keys, neg, out_ptr, np.zeros(1, np.int64), forced, order, np.empty(2, np.int32))
     for flat_dtype in (np.uint16, np.int32):  # how tokens are stored

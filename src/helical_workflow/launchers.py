@@ -1,0 +1,407 @@
+"""Launchers: where and how a stage runs, for Airflow and for ``helical-workflow run`` alike.
+
+A stage's resource profile names its launcher:
+
+* ``local``: papermill executes the stage's notebook here, in the ``helical-workflow`` kernel;
+* ``docker``: the kernel image runs ``helical-workflow stage ...`` through the Docker API
+  (Docker Engine, a socket proxy, or Podman's compatible service);
+* ``kubernetes``: the same command in a pod (Airflow's KubernetesPodOperator).
+
+Every launcher hands the stage its parameters the same way: the run's resolved params
+(:meth:`Params.payload`, paths as the stage will see them) in the environment variable
+``HELICAL_PARAMS``. The stage writes them into its run folder (``params/``), and the
+notebooks read them from there. A container launcher ends in :func:`run_stage` inside
+the image, so a stage attempt is recorded the same way wherever it runs.
+
+Light (papermill, pydantic, prometheus-client, docker SDK on demand): the Airflow worker
+imports it; the heavy work happens in the kernel that papermill starts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import stages
+from .params import Params, load_params, params_from_payload
+from .runs import Attempt, Run, StageFailed, run_dir_for
+from .stages import Shard
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAME = "helical-workflow"
+KERNEL_IMAGE_ENV = "HELICAL_KERNEL_IMAGE"
+PARAMS_ENV = "HELICAL_PARAMS"
+IN_IMAGE_ROOT = "/opt/helical-workflow"
+
+
+def project_root() -> Path:
+    env = os.environ.get("HELICAL_WORKFLOW_HOME")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "notebooks").is_dir() and (parent / "params").is_dir():
+            return parent
+    return Path.cwd()
+
+
+def notebook_path(stage: str) -> Path:
+    return project_root() / "notebooks" / stages.get(stage).notebook
+
+
+def kernel_python(kernel_name: str = KERNEL_NAME) -> str:
+    """The interpreter of the kernel environment, from its kernelspec."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    except NoSuchKernel:
+        raise RuntimeError(
+            f"Jupyter kernel {kernel_name!r} is not installed where this process looks "
+            f"(JUPYTER_PATH={os.environ.get('JUPYTER_PATH', '')!r}). Fix: run `make env` and set "
+            "JUPYTER_PATH=.venv/jupyter/share/jupyter (the Makefile targets do this)."
+        ) from None
+    return spec.argv[0]
+
+
+# ------------------------------------------------------------------ local ----------
+
+
+def run_stage(
+    params: Params | str | os.PathLike,
+    stage: str,
+    run_id: str,
+    *,
+    shard: Shard | str | None = None,
+    kernel_name: str = KERNEL_NAME,
+    log_output: bool = True,
+) -> Attempt:
+    """One attempt of a stage (or one shard of it), here: papermill in the kernel, inside ``Run.attempt``."""
+    run = Run.open(params, run_id)
+    finalize = None if _has_kernel_libraries() else _finalize_in_kernel(run, kernel_name)
+    with run.attempt(stage, shard, finalize=finalize) as a:
+        _papermill(run, a, kernel_name=kernel_name, log_output=log_output)
+    return a
+
+
+def _papermill(run: Run, a: Attempt, *, kernel_name: str, log_output: bool) -> None:
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    parameters: dict[str, Any] = {"params_path": str(run.params_file), "run_dir": str(run.dir)}
+    if a.shard is not None:
+        parameters["shard"] = str(a.shard)
+    try:
+        pm.execute_notebook(
+            str(notebook_path(a.stage.name)),
+            str(a.notebook),
+            parameters=parameters,
+            kernel_name=kernel_name,
+            log_output=log_output,
+            progress_bar=False,
+            report_mode=False,
+            cwd=str(run.dir),  # nothing a notebook writes by default (MLflow's ./mlruns, ...) lands in notebooks/
+            execution_timeout=run.params.profile_for(a.stage.name).cell_timeout_s,
+        )
+    except PapermillExecutionError as e:
+        raise StageFailed(
+            f"stage '{a.key}' failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+            f"The executed notebook with the full error is {a.notebook}"
+        ) from None
+
+
+def _has_kernel_libraries() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("mlflow", "nbconvert"))
+
+
+def _finalize_in_kernel(run: Run, kernel_name: str):
+    """The Airflow worker has no MLflow: finalising (report, MLflow) runs in the kernel environment."""
+
+    def finalize(a: Attempt) -> None:
+        cmd = [
+            kernel_python(kernel_name),
+            "-m",
+            "helical_workflow.cli",
+            "finalize-stage",
+            str(run.params_file),
+            str(run.dir),
+            a.stage.name,
+            "--status",
+            a.status,
+            "--seconds",
+            f"{a.seconds:.3f}",
+        ]
+        if a.shard is not None:
+            cmd += ["--shard", str(a.shard)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(run.dir))
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        sys.stdout.write(proc.stdout)
+
+    return finalize
+
+
+# ------------------------------------------------------------- containers ----------
+
+
+def kernel_image() -> str:
+    return os.environ.get(KERNEL_IMAGE_ENV, "helical-workflow-kernels:latest")
+
+
+def encode_payload(payload: dict[str, Any]) -> str:
+    return base64.b64encode(json.dumps(payload).encode()).decode()
+
+
+def decode_payload(text: str) -> dict[str, Any]:
+    try:
+        return json.loads(base64.b64decode(text.encode()))
+    except ValueError as e:
+        raise ValueError(
+            f"${PARAMS_ENV} is not a params payload ({e}). Fix: start stages through a launcher."
+        ) from None
+
+
+def in_image(params: Params) -> dict[str, Any]:
+    """The params payload with paths as a container sees them: data and outputs under IN_IMAGE_ROOT."""
+    payload = params.payload()
+    p = payload["params"]
+    p["data"]["path"] = f"{IN_IMAGE_ROOT}/data/{params.data_path.name}"
+    p["outputs_dir"] = f"{IN_IMAGE_ROOT}/outputs"
+    cache = p["model"].get("cache_dir")
+    if cache:  # a model cache under the outputs folder travels with it; anything else: the image's baked models
+        try:
+            p["model"]["cache_dir"] = f"{IN_IMAGE_ROOT}/outputs/{Path(cache).relative_to(params.outputs_path)}"
+        except ValueError:
+            p["model"]["cache_dir"] = None
+    return payload
+
+
+def _memory_docker(text: str) -> str:
+    """Profile memory ('8g', '64Gi') as Docker wants it ('8g')."""
+    return text.lower().replace("i", "")
+
+
+def _memory_k8s(text: str) -> str:
+    """'64g' -> '64Gi' (binary units, as Docker reads 'g')."""
+    t = text.strip()
+    return t[:-1] + t[-1].upper() + "i" if t[-1:].lower() in ("k", "m", "g") else t
+
+
+@dataclass
+class ContainerSpec:
+    """One stage in the kernel image: what the docker and kubernetes launchers both run."""
+
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    data_dir: str  # host folder of the dataset (mounted read-only)
+    outputs_dir: str  # host outputs folder (mounted read-write)
+    memory: str
+    cpus: float
+    gpus: int
+    user: str = field(default_factory=lambda: os.environ.get("HELICAL_CONTAINER_USER", "1000"))
+
+    @classmethod
+    def for_stage(cls, params: Params, stage: str, shard: Shard | str | None, run_id: str) -> "ContainerSpec":
+        profile = params.profile_for(stage)
+        command = ["stage", stage, run_id] + (["--shard", str(shard)] if shard is not None else [])
+        env = {PARAMS_ENV: encode_payload(in_image(params)), "HELICAL_WORKFLOW_OUTPUTS": f"{IN_IMAGE_ROOT}/outputs"}
+        for k in ("HELICAL_PUSHGATEWAY", "MLFLOW_TRACKING_URI"):
+            if os.environ.get(k):
+                env[k] = os.environ[k]
+        return cls(
+            image=kernel_image(),
+            command=command,
+            env=env,
+            # host paths as the engine sees them (they differ when Airflow itself runs in a container)
+            data_dir=os.environ.get("HELICAL_HOST_DATA", str(params.data_path.parent)),
+            outputs_dir=os.environ.get("HELICAL_HOST_OUTPUTS", str(params.outputs_path)),
+            memory=profile.memory,
+            cpus=float(profile.cpus),
+            gpus=profile.gpus,
+        )
+
+    # --- Docker API ------------------------------------------------------------
+    def docker_mounts(self) -> list:
+        from docker.types import Mount
+
+        return [
+            Mount(target=f"{IN_IMAGE_ROOT}/data", source=self.data_dir, type="bind", read_only=True),
+            Mount(target=f"{IN_IMAGE_ROOT}/outputs", source=self.outputs_dir, type="bind", read_only=False),
+        ]
+
+    def docker_device_requests(self) -> list | None:
+        from docker.types import DeviceRequest
+
+        return [DeviceRequest(count=self.gpus, capabilities=[["gpu"]])] if self.gpus else None
+
+    def docker_kwargs(self) -> dict[str, Any]:
+        """The arguments both DockerOperator and the Docker SDK's ``containers.run`` take alike."""
+        return dict(
+            image=self.image,
+            command=self.command,
+            environment=self.env,
+            mounts=self.docker_mounts(),
+            mem_limit=_memory_docker(self.memory),
+            device_requests=self.docker_device_requests(),
+            user=self.user,
+        )
+
+    # --- Kubernetes --------------------------------------------------------------
+    def pod_kwargs(self) -> dict[str, Any]:
+        """KubernetesPodOperator arguments: the same image, command and resources, PVCs for data and outputs."""
+        from kubernetes.client import models as k8s
+
+        cpus = int(self.cpus) if float(self.cpus).is_integer() else self.cpus
+        limits = {"memory": _memory_k8s(self.memory), "cpu": str(cpus)}
+        if self.gpus:
+            limits["nvidia.com/gpu"] = str(self.gpus)
+        pvc = k8s.V1PersistentVolumeClaimVolumeSource
+        volumes = [
+            k8s.V1Volume(
+                name="data",
+                persistent_volume_claim=pvc(
+                    claim_name=os.environ.get("HELICAL_DATA_PVC", "helical-data"), read_only=True
+                ),
+            ),
+            k8s.V1Volume(
+                name="outputs",
+                persistent_volume_claim=pvc(claim_name=os.environ.get("HELICAL_OUTPUTS_PVC", "helical-outputs")),
+            ),
+        ]
+        mounts = [
+            k8s.V1VolumeMount(name="data", mount_path=f"{IN_IMAGE_ROOT}/data", read_only=True),
+            k8s.V1VolumeMount(name="outputs", mount_path=f"{IN_IMAGE_ROOT}/outputs"),
+        ]
+        return dict(
+            image=self.image,
+            cmds=["helical-workflow"],
+            arguments=self.command,
+            env_vars=dict(self.env),
+            container_resources=k8s.V1ResourceRequirements(limits=limits, requests=dict(limits)),
+            volumes=volumes,
+            volume_mounts=mounts,
+            security_context=k8s.V1PodSecurityContext(run_as_user=int(self.user), run_as_non_root=True),
+        )
+
+
+def explain_docker_error(e: Exception, image: str, url: str | None) -> str:
+    text = str(e)
+    low = text.lower()
+    if "could not select device driver" in low or "nvidia" in low and "gpu" in low:
+        return (
+            f"the stage asks for a GPU but the Docker host has none usable ({text}). Fix: run on a GPU host "
+            "with the NVIDIA container toolkit, or give this stage a CPU profile."
+        )
+    if "not found" in low or "no such image" in low or "pull access denied" in low or "manifest unknown" in low:
+        return f"image {image!r} is not on the Docker host and could not be pulled ({text}). Fix: `make image` there."
+    if "connection" in low or "no such file" in low or "refused" in low:
+        return (
+            f"cannot reach the Docker API at {url or 'DOCKER_HOST'} ({text}). Fix: start the engine (or "
+            "`podman system service`) and point DOCKER_HOST at it."
+        )
+    return f"container run failed: {text}"
+
+
+def docker_url() -> str:
+    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+
+def container_name(params: Params, stage: str, shard: Shard | None, run_id: str) -> str:
+    from .runs import safe_run_id
+
+    part = f"-{shard.i}" if shard is not None else ""
+    return f"hw-{params.experiment}-{stage}{part}-{safe_run_id(run_id)}-{os.getpid()}".replace(".", "")[:250]
+
+
+def run_in_docker(params: Params, stage: str, run_id: str, *, shard: Shard | str | None = None) -> None:
+    """A stage in the kernel image through the Docker SDK, without Airflow; the container is always removed."""
+    import docker
+    from docker.errors import DockerException
+
+    shard = Shard.parse(shard)
+    spec = ContainerSpec.for_stage(params, stage, shard, run_id)
+    name = container_name(params, stage, shard, run_id)
+    container = None
+    try:
+        client = docker.DockerClient(base_url=docker_url())
+        container = client.containers.run(
+            **spec.docker_kwargs(), name=name, detach=True, nano_cpus=int(spec.cpus * 1e9)
+        )
+        for chunk in container.logs(stream=True, follow=True):
+            sys.stdout.write(chunk.decode(errors="replace"))
+        code = container.wait()["StatusCode"]
+    except DockerException as e:
+        raise StageFailed(explain_docker_error(e, spec.image, docker_url())) from None
+    finally:
+        if container is not None:
+            try:
+                container.remove(force=True)
+            except DockerException as e:
+                log.warning("could not remove container %s: %s", name, e)
+    if code != 0:
+        raise StageFailed(
+            f"stage '{stage}' failed in container {name} (exit {code}); see its notebook and run.json in the run folder"
+        )
+
+
+def run_stage_from_payload(stage: str, run_id: str, *, shard: str | None = None, payload: str | None = None) -> Attempt:
+    """The kernel image's ``stage`` command: params from ``$HELICAL_PARAMS``, then :func:`run_stage`."""
+    text = payload or os.environ.get(PARAMS_ENV)
+    if not text:
+        raise StageFailed(
+            f"no params: ${PARAMS_ENV} is not set. Fix: start stages through a launcher "
+            "(Airflow, or `helical-workflow run`)."
+        )
+    with tempfile.TemporaryDirectory(prefix="hw-params-") as d:
+        params = params_from_payload(decode_payload(text), Path(d) / "params")
+        return run_stage(params, stage, run_id, shard=shard)
+
+
+# --------------------------------------------------------------- workflow ----------
+
+
+def launch(
+    params: Params,
+    stage: str,
+    run_id: str,
+    *,
+    shard: Shard | None = None,
+    kernel_name: str = KERNEL_NAME,
+    log_output: bool = True,
+) -> None:
+    """One stage attempt by the launcher of the stage's resource profile (``helical-workflow run``)."""
+    launcher = params.profile_for(stage).launcher
+    if launcher == "local":
+        run_stage(params, stage, run_id, shard=shard, kernel_name=kernel_name, log_output=log_output)
+    elif launcher == "docker":
+        run_in_docker(params, stage, run_id, shard=shard)
+    else:
+        raise StageFailed(
+            f"stage '{stage}' uses profile '{params.stage_profiles.get(stage, params.profile)}' with the kubernetes "
+            "launcher: pods are started by Airflow's KubernetesPodOperator, not from a shell. Fix: trigger the DAG, "
+            "or give the stage a local or docker profile for `helical-workflow run`."
+        )
+
+
+def run_workflow(params_path: str | os.PathLike, run_id: str, only: tuple[str, ...] | None = None, **kw: Any) -> Run:
+    """Every stage in table order (shards one after another), each by its profile's launcher."""
+    params = load_params(params_path)
+    for st in stages.STAGES:
+        if only and st.name not in only:
+            continue
+        for shard in st.shards(params):
+            launch(params, st.name, run_id, shard=shard, **kw)
+    # not created up front: a container stage (uid 1000) must be able to create the run folder itself
+    return Run(params, run_dir_for(params.outputs_path, params.experiment, run_id), run_id)

@@ -1,0 +1,105 @@
+"""The README's long-running commands, started exactly as written (through make), then stopped:
+`make lab` offers the helical-workflow kernel and the notebooks; `make airflow` serves the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import KERNEL_PY, ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _make(target: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    # its own process group: the servers' children (scheduler, workers, kernels) go down with it
+    return subprocess.Popen(
+        ["make", "-s", target],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            break
+    # nothing of the group is left
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in left:
+        os.kill(int(pid), signal.SIGKILL)
+
+
+def _get_json(url: str, deadline: float) -> dict | None:
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.load(r)
+        except (OSError, ValueError):
+            time.sleep(1)
+    return None
+
+
+def test_make_lab_lists_the_kernel_and_the_notebooks(tmp_path):
+    port, token = free_port(), "test-token-123"
+    env = {
+        **os.environ,
+        "LAB_PORT": str(port),
+        "JUPYTER_TOKEN": token,
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"),
+    }
+    proc = _make("lab", env, tmp_path / "lab.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        specs = _get_json(f"{url}/api/kernelspecs?token={token}", time.time() + 120)
+        assert specs is not None, "JupyterLab did not answer: " + (tmp_path / "lab.log").read_text()[-3000:]
+        assert "helical-workflow" in specs["kernelspecs"]
+        assert specs["kernelspecs"]["helical-workflow"]["spec"]["argv"][0] == str(KERNEL_PY)
+        with urllib.request.urlopen(f"{url}/api/contents/notebooks?token={token}", timeout=10) as r:
+            names = {c["name"] for c in json.load(r)["content"]}
+        assert names >= {"01_load.ipynb", "02_tokenize.ipynb", "03_fine_tune.ipynb", "04_evaluate.ipynb"}
+        with urllib.request.urlopen(f"{url}/lab?token={token}", timeout=10) as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError):  # without the token the server refuses
+            urllib.request.urlopen(f"{url}/api/kernelspecs", timeout=10)
+    finally:
+        _stop(proc)
+
+
+def test_make_airflow_starts_the_api_and_stops(tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+    env["PATH"] = ":".join(p for p in env["PATH"].split(":") if ".venv/airflow" not in p)  # as a user's shell
+    proc = _make("airflow", env, tmp_path / "airflow.log")
+    try:
+        health = _get_json(f"http://127.0.0.1:{port}/api/v2/monitor/health", time.time() + 180)
+        log = (tmp_path / "airflow.log").read_text()
+        assert health is not None, "make airflow did not serve the API:\n" + log[-4000:]
+        assert health["metadatabase"]["status"] == "healthy"
+        assert "FileNotFoundError" not in log
+        assert (tmp_path / "airflow" / "simple_auth_manager_passwords.json.generated").exists()
+    finally:
+        _stop(proc)
