@@ -52,7 +52,7 @@ def test_demo_dag_runs_in_containers(podman_socket, tmp_path, workflow_env):
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     (run_dir,) = list((root / "outputs" / "demo_docker").iterdir())
     m = json.loads((run_dir / "run.json").read_text())
-    assert all(m["stages"][s]["status"] == "success" for s in ("load", "tokenize", "fine_tune", "evaluate"))
+    assert all(m["stages"][s]["status"] == "success" for s in ("load", "tokenize", "fine_tune", "evaluate", "compare"))
     for nb in ("01_load", "02_tokenize", "03_fine_tune", "04_evaluate"):
         assert (run_dir / "notebooks" / f"{nb}.ipynb").exists() and (run_dir / "reports" / f"{nb}.html").exists()
     assert json.loads((run_dir / "evaluate" / "metrics.json").read_text())["n_cells"] > 0
@@ -70,7 +70,7 @@ def test_cli_run_honours_the_docker_launcher(podman_socket, tmp_path, workflow_e
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     run_dir = root / "outputs" / "demo_docker" / "cli-docker"
     m = json.loads((run_dir / "run.json").read_text())
-    assert all(m["stages"][s]["status"] == "success" for s in ("load", "tokenize", "fine_tune", "evaluate"))
+    assert all(m["stages"][s]["status"] == "success" for s in ("load", "tokenize", "fine_tune", "evaluate", "compare"))
     assert m["params"]["data"]["path"] == "/opt/helical-workflow/data/pbmc68k_reduced_counts.h5ad"  # ran inside
     assert (run_dir / "reports" / "04_evaluate.html").exists()
     ps = _containers()

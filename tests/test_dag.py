@@ -31,6 +31,8 @@ for dag_id, dag in bag.dags.items():
         "ops": sorted({type(t).__mro__[1].__name__ for t in dag.tasks}),
         "retries": {t.task_id: t.retries for t in dag.tasks},
         "tags": sorted(dag.tags), "schedule": str(dag.schedule), "doc": dag.doc_md,
+        "form": {k: dag.params.get_param(k).schema | {"default": dag.params[k],
+                 "description": dag.params.get_param(k).description} for k in dag.params},
     }
 out["heavy_imported"] = sorted(m for m in ("torch", "helical", "scanpy", "anndata", "mlflow") if m in sys.modules)
 print(json.dumps(out))
@@ -44,11 +46,29 @@ def test_dag_file_parses_light_and_builds_one_dag_per_params_file(airflow_env):
     assert out["errors"] == {}
     assert out["heavy_imported"] == []
     demo = out["dags"]["helical_demo"]
-    assert demo["tasks"] == ["load", "tokenize", "fine_tune", "evaluate"]
+    assert demo["tasks"] == ["load", "tokenize", "fine_tune", "evaluate", "compare"]
     assert demo["ops"] == ["PapermillOperator"]
     assert demo["retries"] == {s: 1 for s in demo["tasks"]}  # from the cpu profile
     broken = out["dags"]["helical_broken"]
     assert "invalid-params" in broken["tags"] and "fine_tune.epochs" in broken["doc"]
+    # the Trigger form: typed, bounded, described fields with the file's values as defaults
+    form = demo["form"]
+    assert set(form) == {
+        "data.path",
+        "data.label_key",
+        "fine_tune.epochs",
+        "fine_tune.learning_rate",
+        "fine_tune.batch_size",
+        "fine_tune.freeze_layers",
+        "fine_tune.class_weights",
+        "fine_tune.early_stopping_patience",
+        "profile",
+    }
+    assert form["fine_tune.epochs"]["type"] == "integer" and form["fine_tune.epochs"]["minimum"] == 1
+    assert form["fine_tune.epochs"]["default"] == 2 and form["fine_tune.epochs"]["description"]
+    assert form["fine_tune.learning_rate"]["exclusiveMinimum"] == 0
+    assert form["fine_tune.batch_size"]["type"] == ["integer", "null"]
+    assert form["profile"]["enum"] == ["cpu", "cpu-docker", "gpu", "gpu-k8s"]
 
 
 def test_the_real_params_folder_gives_demo_and_yolksac_dags(airflow_env):
@@ -57,6 +77,17 @@ def test_the_real_params_folder_gives_demo_and_yolksac_dags(airflow_env):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out["dags"]) == {"helical_demo", "helical_yolksac_geneformer"}
     assert out["dags"]["helical_yolksac_geneformer"]["retries"]["fine_tune"] == 2  # gpu profile
+
+
+def test_an_unknown_or_invalid_override_fails_before_compute(airflow_env, tmp_path):
+    for conf, named in (
+        ({"fine_tune": {"epoch": 1}}, "Did you mean 'fine_tune.epochs'"),
+        ({"fine_tune": {"epochs": 0}}, "fine_tune.epochs: Input should be greater than or equal to 1"),
+    ):
+        r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_demo", "-c", json.dumps(conf)], env=airflow_env)
+        assert r.returncode != 0
+        assert named in r.stdout + r.stderr
+    assert not (tmp_path / "outputs" / "demo").exists()
 
 
 def test_invalid_params_dag_fails_at_validation_before_compute(airflow_env, tmp_path):
@@ -72,8 +103,10 @@ def test_two_dag_runs_end_to_end_in_separate_run_folders(airflow_env, tmp_path):
     from mlflow.tracking import MlflowClient
 
     outputs = tmp_path / "outputs"
-    for day in ("2026-01-01", "2026-01-02"):
-        r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_demo", day], env=airflow_env)
+    # the second run changes two settings at trigger time, nested and dotted
+    conf = {"fine_tune": {"epochs": 1}, "fine_tune.learning_rate": 0.002}
+    for day, extra in (("2026-01-01", []), ("2026-01-02", ["-c", json.dumps(conf)])):
+        r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_demo", day, *extra], env=airflow_env)
         assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run_dirs = sorted((outputs / "demo").iterdir())
     assert len(run_dirs) == 2 and all(d.name.startswith("manual__") for d in run_dirs)
@@ -81,7 +114,9 @@ def test_two_dag_runs_end_to_end_in_separate_run_folders(airflow_env, tmp_path):
     for rd in run_dirs:
         m = json.loads((rd / "run.json").read_text())
         assert m["run_id"].startswith("manual__") and ":" in m["run_id"]  # Airflow's id, kept verbatim
-        assert all(m["stages"][s]["status"] == "success" for s in ("load", "tokenize", "fine_tune", "evaluate"))
+        assert all(
+            m["stages"][s]["status"] == "success" for s in ("load", "tokenize", "fine_tune", "evaluate", "compare")
+        )
         for nb in ("01_load", "02_tokenize", "03_fine_tune", "04_evaluate"):
             assert (rd / "notebooks" / f"{nb}.ipynb").exists() and (rd / "reports" / f"{nb}.html").exists()
         metrics = json.loads((rd / "evaluate" / "metrics.json").read_text())
@@ -92,12 +127,19 @@ def test_two_dag_runs_end_to_end_in_separate_run_folders(airflow_env, tmp_path):
             other = [d for d in run_dirs if d != rd][0]
             assert str(other) not in nb.read_text()
     assert len(mlflow_ids) == 2
+    plain, changed = (json.loads((rd / "run.json").read_text()) for rd in run_dirs)
+    assert "overrides" not in plain and plain["params"]["fine_tune"]["epochs"] == 2
+    assert changed["overrides"] == {"fine_tune.epochs": 1, "fine_tune.learning_rate": 0.002}
+    assert changed["params"]["fine_tune"]["epochs"] == 1 and changed["params"]["fine_tune"]["learning_rate"] == 0.002
+    assert len(json.loads((run_dirs[1] / "model" / "history.json").read_text())["epochs"]) == 1
 
     mlflow.set_tracking_uri(f"sqlite:///{outputs / 'mlflow.db'}")
     client = MlflowClient()
     for rid in mlflow_ids:
         r = client.get_run(rid)
         assert r.info.status == "FINISHED"
+        if rid == changed["mlflow"]["run_id"]:
+            assert r.data.params["override.fine_tune.epochs"] == "1" and r.data.params["fine_tune.epochs"] == "1"
         assert r.data.params["model.name"] == "gf-6L-10M-i2048"
         assert "evaluate.helical_model_accuracy" in r.data.metrics and "fine_tune.duration_seconds" in r.data.metrics
         arts = {a.path for a in client.list_artifacts(rid)}

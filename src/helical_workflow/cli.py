@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import stages
-from .params import ParamsError, load_params
+from .params import ParamsError, load_params, parse_set
 from .runs import StageFailed
 from .stages import Shard
 
@@ -76,8 +76,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.names())}", file=sys.stderr)
         return 2
     # run_workflow validates the params file before any stage starts
+    overrides = _explained(parse_set, args.set or [])
+    if isinstance(overrides, int):
+        return overrides
     run = _explained(
-        launchers.run_workflow, args.params, run_id, only, kernel_name=args.kernel, log_output=not args.quiet
+        launchers.run_workflow,
+        args.params,
+        run_id,
+        only,
+        overrides=overrides,
+        kernel_name=args.kernel,
+        log_output=not args.quiet,
     )
     if isinstance(run, int):
         return run
@@ -143,11 +152,18 @@ def print_reports(run_dir: Path) -> None:
     metrics = run_dir / "evaluate" / "metrics.json"
     if metrics.exists():
         mj = json.loads(metrics.read_text())
+        lr, fr = mj["baseline_logreg"], mj.get("baseline_frozen", {})
         print(
-            f"Test accuracy {mj['accuracy']:.3f}, macro-F1 {mj['macro_f1']:.3f} "
-            f"(chance {mj['chance_accuracy']:.3f}; logistic-regression baseline "
-            f"{mj['baseline_logreg'].get('accuracy', float('nan')):.3f})"
+            f"Test accuracy {mj['accuracy']:.3f}, macro-F1 {mj['macro_f1']:.3f} (majority class "
+            f"{mj['chance_accuracy']:.3f}; logistic regression on expression {lr.get('accuracy', float('nan')):.3f} "
+            f"/ {lr.get('macro_f1', float('nan')):.3f}, on frozen embeddings {fr.get('accuracy', float('nan')):.3f} "
+            f"/ {fr.get('macro_f1', float('nan')):.3f})"
         )
+    summary = run_dir / "compare" / "summary.json"
+    if summary.exists():
+        from .compare import winner_sentence
+
+        print(winner_sentence(json.loads(summary.read_text())))
     if m.get("mlflow"):
         print(f"MLflow run {m['mlflow']['run_id']} in {m['mlflow']['tracking_uri']}")
 
@@ -157,7 +173,8 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     from .runs import Attempt, Run
 
     run = Run(load_params(args.params, check_files=False), Path(args.run_dir))
-    st, shard = stages.get(args.stage), Shard.parse(args.shard)
+    st = stages.get(args.stage)
+    shard = Shard.parse(args.shard, st.shard_kind)
     run.finalize(Attempt(st, shard, run.dir, status=args.status, seconds=args.seconds))
     return 0
 
@@ -258,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(stages.names())}")
     r.add_argument("--kernel", default="helical-workflow")
     r.add_argument("--quiet", action="store_true", help="do not stream cell output")
+    r.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override a params field for this run (YAML value), e.g. --set fine_tune.epochs=2; repeatable",
+    )
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("stage", help="one stage attempt, params from $HELICAL_PARAMS (the kernel image's command)")

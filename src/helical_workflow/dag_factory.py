@@ -30,7 +30,7 @@ except ImportError:  # the docker provider is optional for local-only installs
     DockerOperator = None
 
 from . import launchers, stages
-from .params import Params, ParamsError, load_params
+from .params import TRIGGER_FIELDS, Params, ParamsError, flatten_overrides, load_params, trigger_form
 from .stages import Shard, Stage
 
 PARAMS_DIR_ENV = "HELICAL_WORKFLOW_PARAMS_DIR"
@@ -60,10 +60,29 @@ class StageOperator(PapermillOperator):
             self.stage,
             context["run_id"],
             shard=self.shard,
+            overrides=run_overrides(context),
             kernel_name=self.kernel_name or launchers.KERNEL_NAME,
             log_output=self.log_output,
         )
         return str(a.notebook.parent.parent)  # only a path goes to XCom: stages hand over files
+
+
+def run_overrides(context: Any) -> dict[str, Any]:
+    """What a run changes: the Trigger form's fields and every key of its ``conf`` (nested or dotted).
+
+    Nothing is ignored: a key that is not a params field fails the task at validation, with the fix.
+    """
+    form = {k: v for k, v in (context.get("params") or {}).items() if k in TRIGGER_FIELDS}
+    dag_run = context.get("dag_run")
+    return {**form, **flatten_overrides(getattr(dag_run, "conf", None) or {})}
+
+
+def _b64json(value: Any) -> str:
+    """Jinja filter: a run's conf for the container launchers' environment (no braces for Jinja to trip on)."""
+    return launchers.encode_payload(dict(value or {}))
+
+
+CONF_TEMPLATE = "{{ dag_run.conf | b64json }}"
 
 
 class DockerStageOperator(DockerOperator if DockerOperator is not None else object):  # type: ignore[misc]
@@ -103,7 +122,9 @@ def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str,
         cls, kw, field = StageOperator, {"params_path": str(path), "stage": stage.name}, "shard"
         per_task: list[Any] = [None if s is None else str(s) for s in shards]
     else:  # the kernel image's `helical-workflow stage`; the shard goes on its command line
-        specs = [launchers.ContainerSpec.for_stage(params, stage.name, s, "{{ run_id }}") for s in shards]
+        specs = [
+            launchers.ContainerSpec.for_stage(params, stage.name, s, "{{ run_id }}", conf=CONF_TEMPLATE) for s in shards
+        ]
         if launcher == "docker":
             cls, field = DockerStageOperator, "command"
             kw = {k: v for k, v in specs[0].docker_kwargs().items() if k != "command"}
@@ -151,6 +172,37 @@ def _dag_section(path: Path) -> tuple[dict[str, Any] | None, bool]:
     return (raw.get("dag") or {}), True
 
 
+def _form(params: Params | None) -> dict[str, Any]:
+    """The Trigger form: Airflow Params derived from the schema (type, bounds, help; defaults from the file)."""
+    from airflow.sdk import Param
+
+    if params is None:
+        return {}
+    return {name: Param(spec.pop("default"), **spec) for name, spec in trigger_form(params).items()}
+
+
+def _doc(path: Path, params: Params | None) -> str:
+    chain = " → ".join(s.name for s in stages.STAGES)
+    doc = f"Workflow for `{path.name}`: {chain}, each a papermill notebook (the executed notebook is the report)."
+    if params is None:
+        return doc
+    ft = params.fine_tune
+    rows = [
+        ("data", f"`{params.data.path}` (label `{params.data.label_key}`)"),
+        ("model", f"`{params.model.name}` ({params.model.source})"),
+        ("fine-tune", f"{ft.epochs} epochs, learning rate {ft.learning_rate:g}, freeze {ft.freeze_layers} layers"),
+        ("profile", f"`{params.profile}`" + (f", per stage {params.stage_profiles}" if params.stage_profiles else "")),
+        ("outputs", f"`{params.outputs_path / params.experiment}/<run id>/`"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (
+        f"{doc}\n\n| setting | value |\n| --- | --- |\n{table}\n\n"
+        'Change a setting for one run in the Trigger form, or with `conf` (`{"fine_tune.epochs": 2}` or '
+        '`{"fine_tune": {"epochs": 2}}`): every key is validated before compute, recorded in `run.json` '
+        "(`overrides`) and in MLflow; an unknown key fails the run with the fix."
+    )
+
+
 def build_dag(path: Path) -> DAG | None:
     _, is_params = _dag_section(path)
     if not is_params:
@@ -161,8 +213,7 @@ def build_dag(path: Path) -> DAG | None:
         params = load_params(path, check_files=False)
     except ParamsError as e:
         problems = e.problems
-    chain = " → ".join(s.name for s in stages.STAGES)
-    doc = f"Workflow for `{path.name}`: {chain}, each a papermill notebook."
+    doc = _doc(path, params)
     if problems:
         doc += "\n\n**This params file is invalid; runs fail at validation:**\n\n" + "\n".join(
             f"- {p}" for p in problems
@@ -178,7 +229,9 @@ def build_dag(path: Path) -> DAG | None:
         max_active_runs=d.max_active_runs if d else 1,
         tags=(list(d.tags) if d else []) + (["invalid-params"] if problems else []),
         doc_md=doc,
+        params=_form(params),
         render_template_as_native_obj=True,
+        user_defined_filters={"b64json": _b64json},
         default_args={"owner": "helical-workflow"},
     )
     tasks: dict[str, Any] = {}
@@ -192,13 +245,20 @@ def build_dag(path: Path) -> DAG | None:
             doc_md=stage.description or None,
         )
         if profile and profile.pool:
-            common["pool"] = profile.pool
+            common["pool"] = profile.pool  # GPU trials queue on the pool instead of fighting over memory
+        if params is not None and params.sweep is not None and _after_trials(stage):
+            common["trigger_rule"] = "all_done"  # a failed trial does not stop the others (its own check does)
         if params is None:  # invalid file: local tasks whose first run explains the problem
             common["retries"] = 0
         tasks[stage.name] = make_task(params, path, stage, common)
         for up in stage.upstream:
             tasks[up] >> tasks[stage.name]
     return dag
+
+
+def _after_trials(stage: Stage) -> bool:
+    """A stage downstream of a sweep's trials (evaluate of each trial, compare)."""
+    return any(stages.get(u).sharding == "trials" for u in stage.upstream)
 
 
 def params_dir_default() -> Path:

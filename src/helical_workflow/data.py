@@ -8,6 +8,9 @@ Missing labels follow one rule, here, for the load stage and the ``tokenize`` co
 :func:`check_labels` decides: no label for any cell is an error naming the column and the
 fix; some cells without one are counted and logged, and left out of training (the load
 stage marks them ``excluded`` in ``split.csv``; the ``tokenize`` command writes a null label).
+
+The split (:func:`stratified_split`) is per cell, or, with ``data.split.group_by``, per group
+(:func:`grouped_split`): all cells of a donor, sample or batch go to one split, so none leaks.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.csv"
+GROUPS_FILE = "groups.csv"
 QC_FILE = "qc_summary.json"
 
 
@@ -391,6 +395,7 @@ def check_dataset(params: "Params", adata=None) -> dict[str, Any]:
     labels = adata.obs[key]
     missing = missing_labels(labels)
     n_missing = check_labels(key, missing, dataset=params.data_path.name, fix="set data.label_key to a labelled column")
+    grouping = check_groups(params, adata.obs) if params.data.split.group_by else {}
     with CountsReader(params.data_path, params.data.counts) as r:
         shape = r.shape
     genes = gene_table(adata, params)
@@ -403,7 +408,42 @@ def check_dataset(params: "Params", adata=None) -> dict[str, Any]:
         "n_genes": int(shape[1]),
         "n_labels": int(labels[~missing].nunique()),
         "missing_labels": n_missing,
+        **grouping,
     }
+
+
+def check_groups(params: "Params", obs: pd.DataFrame) -> dict[str, Any]:
+    """Checks of ``data.split.group_by``: the column exists, is not the label column, and gives
+    some cells a group. Cells without one (:func:`missing_labels`' rule: NaN or empty) are
+    counted and logged; the split leaves them out. Returns ``n_groups`` and ``missing_groups``."""
+    col, key, name = params.data.split.group_by, params.data.label_key, params.data_path.name
+    if col not in obs.columns:
+        raise DatasetError(
+            f"data.split.group_by: column {col!r} is not in adata.obs of {name} "
+            f"(columns: {', '.join(map(str, obs.columns)) or 'none'}). "
+            "Fix: set group_by to one of them (e.g. the donor or sample column), or leave it unset."
+        )
+    if col == key:
+        raise DatasetError(
+            f"data.split.group_by: {col!r} is also data.label_key; grouping by the label would put each "
+            "cell type in one split only. Fix: group by a donor, sample or batch column."
+        )
+    missing = missing_labels(obs[col])
+    n, k = len(missing), int(np.count_nonzero(missing))
+    if n and k == n:
+        raise DatasetError(
+            f"data.split.group_by: column {col!r} of {name} has no value for any of its {n} cells "
+            "(all NaN or empty). Fix: group by a filled column, or leave group_by unset."
+        )
+    if k:
+        log.warning(
+            "group column %r of %s: %d of %d cells have no group (NaN or empty); they are left out of the split",
+            col,
+            name,
+            k,
+            n,
+        )
+    return {"n_groups": int(obs[col][~missing].nunique()), "missing_groups": k}
 
 
 def file_sha256(path: Path, block: int = 1 << 22) -> str:
@@ -454,14 +494,42 @@ def compute_qc(params: "Params", obs_names: pd.Index, genes: pd.DataFrame) -> QC
     return QC(cells=cells, genes=genes)
 
 
+SPLITS = ("train", "validation", "test")
+_CANDIDATES = 64  # greedy passes (one per group order) a grouped split picks the best of
+
+
 def stratified_split(
-    labels: pd.Series, *, train: float, validation: float, test: float, seed: int, min_cells: int, stratify: bool = True
+    labels: pd.Series,
+    *,
+    train: float,
+    validation: float,
+    test: float,
+    seed: int,
+    min_cells: int,
+    stratify: bool = True,
+    groups: pd.Series | None = None,
+    group_by: str = "group",
 ) -> pd.Series:
     """Assign each cell to train / validation / test, per class when stratified.
 
     Deterministic for a seed. Classes with fewer than ``min_cells`` cells, and cells with no
-    label (NA), are marked ``excluded`` (reported by the load stage).
+    label (NA), are marked ``excluded`` (reported by the load stage). With ``groups`` (one
+    value per cell, e.g. the donor; the obs column is named by ``group_by`` in messages) the
+    split is :func:`grouped_split`: every group goes to one split, and cells with no group
+    (NA) are excluded too.
     """
+    if groups is not None:
+        return grouped_split(
+            labels,
+            groups,
+            train=train,
+            validation=validation,
+            test=test,
+            seed=seed,
+            min_cells=min_cells,
+            stratify=stratify,
+            group_by=group_by,
+        )
     rng = np.random.default_rng(seed)
     out = pd.Series("excluded", index=labels.index, dtype=object)
     groups = labels.groupby(labels, observed=True).groups if stratify else {"all": labels.dropna().index}
@@ -481,11 +549,105 @@ def stratified_split(
     return out
 
 
+def grouped_split(
+    labels: pd.Series,
+    groups: pd.Series,
+    *,
+    train: float,
+    validation: float,
+    test: float,
+    seed: int,
+    min_cells: int,
+    stratify: bool = True,
+    group_by: str = "group",
+) -> pd.Series:
+    """Assign whole groups (e.g. donors) to train / validation / test, so that no group leaks.
+
+    Cells with no label or no group (NA), and classes with fewer than ``min_cells`` such
+    cells, are ``excluded``. Each remaining group goes to one split. The deviation from the
+    targets is the squared error of each split's share of the cells (and, when stratified,
+    of each label's cells) against its fraction. Several greedy passes, each over the groups
+    in another order (largest first, then orders drawn from ``seed``), put each group in the
+    split whose deviation it lowers most, keeping one group back for each split still empty;
+    of these candidates the one with the fewest labels missing from train, then the smallest
+    deviation, is kept. Deterministic for a seed; with few groups most seeds give the same,
+    best split.
+
+    A DatasetError, naming the fix, when there are fewer groups than splits to fill.
+    """
+    out = pd.Series("excluded", index=labels.index, dtype=object)
+    lab = pd.Series(labels).astype("string")
+    grp = pd.Series(np.asarray(groups, dtype=object), index=labels.index).astype("string")  # by position
+    ok = lab.notna().to_numpy() & grp.notna().to_numpy()
+    sizes = lab[ok].value_counts()
+    ok &= lab.map(sizes).fillna(0).to_numpy() >= min_cells
+    if not ok.any():
+        return out
+    g_codes, g_names = pd.factorize(grp[ok], sort=True)
+    l_codes, _ = pd.factorize(lab[ok], sort=True)
+    counts = np.zeros((len(g_names), l_codes.max() + 1))  # cells per group and label
+    np.add.at(counts, (g_codes, l_codes), 1)
+    fractions = np.array([train, validation, test], dtype=float)
+    active = fractions > 0
+    if len(g_names) < active.sum():
+        wanted = [s for s, a in zip(SPLITS, active) if a]
+        raise DatasetError(
+            f"data.split.group_by: column {group_by!r} has {len(g_names)} group(s) with usable cells "
+            f"({', '.join(map(str, g_names[:5]))}), but each of {', '.join(wanted)} needs at least one "
+            "whole group. Fix: group by a column with more groups (e.g. sample instead of donor), "
+            + ("set data.split.validation: 0 (train and test only), " if active[1] else "")
+            + "or leave data.split.group_by unset to split cells independently."
+        )
+    choice = _assign_groups(counts, fractions, np.random.default_rng(seed), stratify)
+    out.iloc[np.flatnonzero(ok)] = np.array(SPLITS, dtype=object)[choice[g_codes]]
+    return out
+
+
+def _assign_groups(counts: np.ndarray, fractions: np.ndarray, rng: np.random.Generator, stratify: bool) -> np.ndarray:
+    """The split (0 train, 1 validation, 2 test) of each group, from cells per group and label
+    (see :func:`grouped_split`). All candidates run together: arrays are (candidate, split, ...)."""
+    n_groups, n_labels = counts.shape
+    size = counts.sum(axis=1)
+    per_label = counts.sum(axis=0)
+    target_n = fractions * size.sum()  # (split,)
+    target_l = fractions[:, None] * per_label[None, :]  # (split, label)
+    w_n = 1.0 / size.sum() ** 2
+    w_l = (1.0 / per_label**2 / n_labels) if stratify else np.zeros(n_labels)
+    k = _CANDIDATES
+    ties = rng.permutation(n_groups)
+    orders = [ties[np.argsort(-size[ties], kind="stable")]] + [rng.permutation(n_groups) for _ in range(k - 1)]
+    orders = np.array(orders)  # (candidate, step)
+    n = np.zeros((k, 3))
+    c = np.zeros((k, 3, n_labels))
+    choice = np.zeros((k, n_groups), dtype=np.int64)
+    closed = np.where(fractions > 0, 0.0, np.inf)  # a split with fraction 0 gets nothing
+    rows = np.arange(k)
+    for step in range(n_groups):
+        g = orders[:, step]
+        gn, gl = size[g][:, None], counts[g][:, None, :]  # (k, 1), (k, 1, label)
+        delta = w_n * gn * (2 * (n - target_n) + gn) + (w_l * gl * (2 * (c - target_l) + gl)).sum(axis=2)
+        empty = (n == 0) & np.isfinite(closed)
+        must = empty.sum(axis=1) >= n_groups - step  # as many groups left as splits to fill
+        delta = delta + closed + np.where(must[:, None] & ~empty, np.inf, 0.0)
+        s = delta.argmin(axis=1)
+        n[rows, s] += size[g]
+        c[rows, s] += counts[g]
+        choice[rows, g] = s
+    deviation = w_n * ((n - target_n) ** 2).sum(axis=1) + (w_l * (c - target_l) ** 2).sum(axis=(1, 2))
+    missing_in_train = (c[:, 0, :] == 0).sum(axis=1)
+    best = np.lexsort((deviation, missing_in_train))[0]
+    return choice[best]
+
+
 def load_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     """The load stage: validate, QC, split; writes ``load/`` atomically. Returns the summary.
 
     Cells without a label (:func:`missing_labels`) are split ``excluded`` (empty label in
-    ``split.csv``) and counted in the summary's ``missing_labels``."""
+    ``split.csv``) and counted in the summary's ``missing_labels``. With ``data.split.group_by``
+    the split is grouped (:func:`grouped_split`): ``split.csv`` gains a ``group`` column,
+    ``groups.csv`` has one row per group (group, split, cells, labels), and the summary says
+    ``groups_per_split``, ``missing_groups`` (cells without a group, excluded) and
+    ``labels_not_in_train`` (labels whose groups all went to validation or test)."""
     run_dir = Path(run_dir)
     adata = open_backed(params.data_path)
     try:
@@ -494,6 +656,8 @@ def load_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
         genes = gene_table(adata, params)
         key = params.data.label_key
         labels = obs[key].astype("object").where(~missing_labels(obs[key]), None)  # missing: excluded below
+        group_by = params.data.split.group_by
+        groups = obs[group_by].astype("object").where(~missing_labels(obs[group_by]), None) if group_by else None
     finally:
         adata.file.close()
     qc = compute_qc(params, obs.index.astype(str), genes)
@@ -506,12 +670,15 @@ def load_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
         seed=s.seed,
         min_cells=params.data.min_cells_per_class,
         stratify=s.stratify,
+        groups=None if groups is None else groups.astype("string"),
+        group_by=group_by or "group",
     )
     table = pd.DataFrame(
         {
             "cell_id": obs.index.astype(str),
             "row": np.arange(len(obs)),
             "label": labels.values,
+            **({} if groups is None else {"group": groups.values}),
             "split": split.values,
             "total_counts": qc.cells["total_counts"].values,
             "n_genes": qc.cells["n_genes"].values,
@@ -523,7 +690,7 @@ def load_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
             f"no class of {params.data.label_key!r} has at least {params.data.min_cells_per_class} cells. "
             "Fix: lower data.min_cells_per_class or use another label column."
         )
-    excluded = sorted(set(table.loc[table.split == "excluded", "label"].dropna().astype(str)))
+    excluded = sorted(set(table.label.dropna().astype(str)) - set(used.label.astype(str)))  # no cell used
     label_counts = table.pivot_table(index="label", columns="split", values="row", aggfunc="count", fill_value=0)
     summary = {
         **info,
@@ -537,15 +704,42 @@ def load_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
         "median_total_counts": float(np.median(table.total_counts)),
         "median_genes_per_cell": float(np.median(table.n_genes)),
         "genes_detected": int((qc.genes.n_cells > 0).sum()),
+        "group_by": group_by,
     }
+    if groups is not None:
+        group_table = groups_per_split(table)
+        summary["groups_per_split"] = {k: int(v) for k, v in group_table.split.value_counts(sort=False).items()}
+        trained = set(used.label[used.split == "train"].astype(str))
+        summary["labels_not_in_train"] = sorted(set(used.label.astype(str)) - trained)
+        if summary["labels_not_in_train"]:
+            log.warning(
+                "grouped by %r, no group with label(s) %s went to train: the model cannot learn them",
+                group_by,
+                ", ".join(summary["labels_not_in_train"]),
+            )
     with runs.stage_output(run_dir, "load") as tmp:
         table.to_csv(tmp / SPLIT_FILE, index=False)
+        if groups is not None:
+            group_table.to_csv(tmp / GROUPS_FILE, index=False)
         qc.genes.to_csv(tmp / "genes.csv")
         label_counts.to_csv(tmp / "label_counts.csv")
         (tmp / QC_FILE).write_text(json.dumps(summary, indent=2))
         _qc_plots(table, tmp / "qc.png")
     runs.update_manifest(run_dir, lambda m: m.update(input={"path": summary["dataset"], "sha256": summary["sha256"]}))
     return summary
+
+
+def groups_per_split(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per group of a grouped split table: group, split, cells (in that split) and
+    labels (distinct ones among those cells), in split order. A group none of whose cells is
+    used (all of tiny classes or without a label) is ``excluded``, with all its cells."""
+    t = table.dropna(subset=["group"]).assign(group=lambda d: d.group.astype(str))
+    used = t.split != "excluded"
+    kept = t[used | ~t.group.isin(t.group[used])]  # a group's used cells, or all of a wholly excluded one
+    out = kept.groupby("group").agg(split=("split", "first"), cells=("row", "size"), labels=("label", "nunique"))
+    rank = {s: i for i, s in enumerate((*SPLITS, "excluded"))}
+    out = out.reset_index().sort_values(["split", "group"], key=lambda c: c.map(rank) if c.name == "split" else c)
+    return out.reset_index(drop=True)
 
 
 def _qc_plots(table: pd.DataFrame, path: Path) -> None:
@@ -569,7 +763,7 @@ def _qc_plots(table: pd.DataFrame, path: Path) -> None:
 
 def read_split(run_dir: Path) -> pd.DataFrame:
     d = runs.require_stage_output(run_dir, "load", "load")
-    return pd.read_csv(d / SPLIT_FILE, dtype={"cell_id": str, "label": str})
+    return pd.read_csv(d / SPLIT_FILE, dtype={"cell_id": str, "label": str, "group": str})
 
 
 def make_demo_dataset(out: Path) -> Path:

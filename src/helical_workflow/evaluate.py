@@ -66,6 +66,40 @@ def expression_baseline(params: "Params", run_dir: Path, names: list[str]) -> di
     return modeling.macro_scores(y[~is_train], pred)
 
 
+def frozen_embedding_baseline(params: "Params", run_dir: Path, n_classes: int) -> dict[str, Any]:
+    """Logistic regression (as in :func:`expression_baseline`) on the *pre-trained* model's cell embeddings.
+
+    The base model is loaded as fine-tuning starts from it (helical's GeneformerFineTuningModel, untrained
+    head) and its cell embedding (the pooled input of the head, what ``embeddings.npy`` holds for the
+    fine-tuned model) is computed for the train and test splits: batched, no gradients, on the evaluate
+    stage's device and precision. What fine-tuning adds is the difference to the fine-tuned model's scores.
+    """
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    device = modeling.device_for(params, "evaluate")
+    bs = modeling.batch_size(params, "evaluate")
+    store = modeling.TokenStore(tok.load_tokenized(run_dir, expected=params.tokenize.shards))
+    train_idx, test_idx = store.indices("train"), store.indices("test")
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        return {}
+    with torch.random.fork_rng(devices=[]):  # the untrained head's initialisation leaves the RNG as it was
+        base = model_mod.load_fine_tuning_model(params, n_classes=n_classes, batch_size=bs, device=device)
+    _, emb = modeling.predict(
+        base,
+        store,
+        np.concatenate([train_idx, test_idx]),
+        batch_size=bs,
+        device=device,
+        precision=params.profile_for("evaluate").precision,
+        pad_id=base.pad_token_id,
+    )
+    del base
+    clf = LogisticRegression(max_iter=2000)
+    clf.fit(emb[: len(train_idx)], store.labels[train_idx])
+    return modeling.macro_scores(store.labels[test_idx], clf.predict(emb[len(train_idx) :]))
+
+
 def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     import scipy.special
 
@@ -92,12 +126,14 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
             model, store, idx, batch_size=bs, device=device, precision=profile.precision, pad_id=model.pad_token_id
         )
         y_true, cell_ids = store.labels[idx], [store.cell_id[i] for i in idx]
+    del model  # the baselines below load their own model
     y_pred = logits.argmax(1)
     probs = scipy.special.softmax(logits, axis=1)
     metrics = classification_metrics(y_true, y_pred, names)
     metrics["chance_accuracy"] = float(np.bincount(y_true).max() / len(y_true))
     metrics["n_cells"] = int(len(y_true))
     metrics["baseline_logreg"] = expression_baseline(params, run_dir, names)
+    metrics["baseline_frozen"] = frozen_embedding_baseline(params, run_dir, len(names))
     preds = pd.DataFrame(
         {
             "cell_id": cell_ids,

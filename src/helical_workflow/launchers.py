@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import stages
-from .params import Params, load_params, params_from_payload
+from .params import Params, apply_overrides, load_params, params_from_payload
 from .runs import Attempt, Run, StageFailed, run_dir_for
 from .stages import Shard
 
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 KERNEL_NAME = "helical-workflow"
 KERNEL_IMAGE_ENV = "HELICAL_KERNEL_IMAGE"
 PARAMS_ENV = "HELICAL_PARAMS"
+CONF_ENV = "HELICAL_CONF"  # a trigger's conf (overrides), base64 JSON: templated by Airflow per run
 IN_IMAGE_ROOT = "/opt/helical-workflow"
 
 
@@ -82,11 +83,15 @@ def run_stage(
     run_id: str,
     *,
     shard: Shard | str | None = None,
+    overrides: dict[str, Any] | None = None,
     kernel_name: str = KERNEL_NAME,
     log_output: bool = True,
 ) -> Attempt:
-    """One attempt of a stage (or one shard of it), here: papermill in the kernel, inside ``Run.attempt``."""
-    run = Run.open(params, run_id)
+    """One attempt of a stage (or one shard of it), here: papermill in the kernel, inside ``Run.attempt``.
+
+    ``overrides`` (a trigger's conf, ``--set``) are merged over the params and validated before anything runs.
+    """
+    run = Run.open(params, run_id, overrides=overrides)
     finalize = None if _has_kernel_libraries() else _finalize_in_kernel(run, kernel_name)
     with run.attempt(stage, shard, finalize=finalize) as a:
         _papermill(run, a, kernel_name=kernel_name, log_output=log_output)
@@ -99,7 +104,7 @@ def _papermill(run: Run, a: Attempt, *, kernel_name: str, log_output: bool) -> N
 
     parameters: dict[str, Any] = {"params_path": str(run.params_file), "run_dir": str(run.dir)}
     if a.shard is not None:
-        parameters["shard"] = str(a.shard)
+        parameters[a.shard.kind] = str(a.shard)  # the notebook's `shard` or `trial` parameter
     try:
         pm.execute_notebook(
             str(notebook_path(a.stage.name)),
@@ -213,10 +218,15 @@ class ContainerSpec:
     user: str = field(default_factory=lambda: os.environ.get("HELICAL_CONTAINER_USER", "1000"))
 
     @classmethod
-    def for_stage(cls, params: Params, stage: str, shard: Shard | str | None, run_id: str) -> "ContainerSpec":
+    def for_stage(
+        cls, params: Params, stage: str, shard: Shard | str | None, run_id: str, conf: str | None = None
+    ) -> "ContainerSpec":
+        """``conf``: the run's overrides as base64 JSON (Airflow passes a template of its ``dag_run.conf``)."""
         profile = params.profile_for(stage)
         command = ["stage", stage, run_id] + (["--shard", str(shard)] if shard is not None else [])
         env = {PARAMS_ENV: encode_payload(in_image(params)), "HELICAL_WORKFLOW_OUTPUTS": f"{IN_IMAGE_ROOT}/outputs"}
+        if conf:
+            env[CONF_ENV] = conf
         for k in ("HELICAL_PUSHGATEWAY", "MLFLOW_TRACKING_URI"):
             if os.environ.get(k):
                 env[k] = os.environ[k]
@@ -364,9 +374,10 @@ def run_stage_from_payload(stage: str, run_id: str, *, shard: str | None = None,
             f"no params: ${PARAMS_ENV} is not set. Fix: start stages through a launcher "
             "(Airflow, or `helical-workflow run`)."
         )
+    conf = decode_payload(os.environ[CONF_ENV]) if os.environ.get(CONF_ENV) else None
     with tempfile.TemporaryDirectory(prefix="hw-params-") as d:
         params = params_from_payload(decode_payload(text), Path(d) / "params")
-        return run_stage(params, stage, run_id, shard=shard)
+        return run_stage(params, stage, run_id, shard=shard, overrides=conf)
 
 
 # --------------------------------------------------------------- workflow ----------
@@ -395,13 +406,31 @@ def launch(
         )
 
 
-def run_workflow(params_path: str | os.PathLike, run_id: str, only: tuple[str, ...] | None = None, **kw: Any) -> Run:
-    """Every stage in table order (shards one after another), each by its profile's launcher."""
-    params = load_params(params_path)
+def run_workflow(
+    params_path: str | os.PathLike,
+    run_id: str,
+    only: tuple[str, ...] | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    **kw: Any,
+) -> Run:
+    """Every stage in table order (shards one after another), each by its profile's launcher.
+
+    The params file and ``overrides`` are validated once, before any stage starts.
+    """
+    params = apply_overrides(load_params(params_path), overrides)
+    failed: list[str] = []
     for st in stages.STAGES:
         if only and st.name not in only:
             continue
         for shard in st.shards(params):
-            launch(params, st.name, run_id, shard=shard, **kw)
+            try:
+                launch(params, st.name, run_id, shard=shard, **kw)
+            except StageFailed as e:
+                if shard is None or shard.kind != "trial":
+                    raise
+                failed.append(f"{st.key(shard)}: {str(e).splitlines()[0]}")  # the other trials go on
+    if failed:
+        raise StageFailed(f"{len(failed)} trial attempt(s) failed (the others ran): " + "; ".join(failed))
     # not created up front: a container stage (uid 1000) must be able to create the run folder itself
     return Run(params, run_dir_for(params.outputs_path, params.experiment, run_id), run_id)

@@ -5,7 +5,8 @@
   (dynamic padding);
 * :func:`classifier`: helical's ``GeneformerFineTuningModel._forward`` as an ``nn.Module``
   (for DDP and autocast), :func:`set_mode`, :func:`autocast_ctx`;
-* :func:`predict` and :func:`load_trained` (the fine-tuned model of a run folder);
+* :func:`predict`, :func:`load_trained` (the fine-tuned model of a run folder) and :func:`load_model_dir`
+  (of any folder laid out like a run's ``model/``, e.g. a registered model);
 * :func:`device_for` and :func:`batch_size`: what a stage's resource profile asks for.
 
 torch and helical are imported inside the functions that need them (helical takes seconds to import).
@@ -240,9 +241,16 @@ def predict(
 
 def load_trained(params: "Params", run_dir: Path, *, batch_size: int, device: str):
     """The fine-tuned model of a run (the fine_tune stage's output folder), and its label mapping."""
+    d = runs.require_stage_output(run_dir, stages.get("fine_tune").output, "fine_tune")
+    return load_model_dir(params, d, batch_size=batch_size, device=device)
+
+
+def load_model_dir(params: "Params", model_dir: Path, *, batch_size: int, device: str):
+    """The fine-tuned model in a folder laid out like a run's ``model/`` (``WEIGHTS``, ``LABELS``), and its
+    label mapping: helical's model rebuilt from the base model files that ``params`` point at, then the weights."""
     import torch
 
-    d = runs.require_stage_output(run_dir, stages.get("fine_tune").output, "fine_tune")
+    d = Path(model_dir)
     labels = json.loads((d / LABELS).read_text())
     model = model_mod.load_fine_tuning_model(params, n_classes=len(labels), batch_size=batch_size, device=device)
     model.load_state_dict(torch.load(d / WEIGHTS, map_location=device, weights_only=True))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,12 @@ class SplitParams(_Strict):
     test: float = Field(0.15, gt=0, lt=1)
     seed: int = 0
     stratify: bool = True
+    group_by: str | None = Field(
+        None,
+        min_length=1,
+        description="adata.obs column (e.g. donor, sample or batch) whose groups each go to exactly one split, "
+        "so that no group leaks between train, validation and test; default: split cells independently",
+    )
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> "SplitParams":
@@ -131,15 +138,15 @@ class FineTuneParams(_Strict):
     implementation: Literal["batched", "helical"] = Field(
         "batched", description="batched: our AMP loop around helical's model; helical: GeneformerFineTuningModel.train"
     )
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training split")
     batch_size: int | None = Field(None, ge=1, description="default: the profile's batch_size")
-    learning_rate: float = Field(1e-4, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, description="peak AdamW learning rate (after warmup)")
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     gradient_accumulation: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    freeze_layers: int = Field(0, ge=0)
+    freeze_layers: int = Field(0, ge=0, description="encoder layers kept frozen, counted from the input")
     encoder_dropout: bool = Field(
         False,
         description="true: dropout in the encoder while training; false (default): encoder in eval mode, as "
@@ -157,6 +164,49 @@ class FineTuneParams(_Strict):
 class EvaluateParams(_Strict):
     batch_size: int | None = Field(None, ge=1)
     umap: bool = True
+
+
+class SweepParams(_Strict):
+    """Trials over fine_tune fields, after one shared load + tokenize (the DAG maps fine_tune -> evaluate)."""
+
+    method: Literal["grid", "random", "lhs"] = Field(
+        "grid", description="grid: every combination; random or lhs (Latin hypercube): `trials` samples of `space`"
+    )
+    grid: dict[str, list[Any]] = Field({}, description="method grid: field -> values, e.g. fine_tune.learning_rate")
+    space: dict[str, list[float]] = Field({}, description="method random/lhs: field -> [low, high]")
+    log_scale: list[str] = Field([], description="fields of `space` sampled on a log scale (learning rates)")
+    trials: int | None = Field(None, ge=1, le=256, description="method random/lhs: how many trials")
+    seed: int = 0
+    metric: Literal["macro_f1", "accuracy"] = Field("macro_f1", description="validation metric to maximise")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SweepParams":
+        if self.method == "grid":
+            if not self.grid or any(not isinstance(v, list) or not v for v in self.grid.values()):
+                raise ValueError("method grid needs `grid: {field: [values, ...]}` with at least one value per field")
+        else:
+            if not self.space or self.trials is None:
+                raise ValueError(f"method {self.method} needs `space: {{field: [low, high]}}` and `trials: N`")
+            for field, bounds in self.space.items():
+                if len(bounds) != 2 or not bounds[0] < bounds[1]:
+                    raise ValueError(f"space.{field} must be [low, high] with low < high")
+            for field in self.log_scale:
+                if field not in self.space or self.space[field][0] <= 0:
+                    raise ValueError(f"log_scale field {field} needs a positive [low, high] in space")
+        for field in [*self.grid, *self.space]:
+            if not field.startswith("fine_tune."):
+                raise ValueError(
+                    f"{field}: only fine_tune fields vary across trials (load and tokenize run once for all of "
+                    "them); sweep another model or dataset in a params file of its own"
+                )
+        return self
+
+
+class RegistryParams(_Strict):
+    promote: Literal["always", "if_better", "never"] = Field(
+        "if_better", description="move alias `champion` to the new model: always, when it beats it, or never"
+    )
+    name: str | None = Field(None, description="registered model name; default: the experiment")
 
 
 class TrackingParams(_Strict):
@@ -211,6 +261,8 @@ class Params(_Strict):
     tracking: TrackingParams = TrackingParams()
     outputs_dir: str = "outputs"
     dag: DagParams | None = None
+    sweep: SweepParams | None = None
+    registry: RegistryParams = RegistryParams()
 
     @field_validator("stage_profiles")
     @classmethod
@@ -228,7 +280,11 @@ class Params(_Strict):
     def _empty_sections_are_defaults(cls, raw: Any) -> Any:
         if isinstance(raw, dict):
             raw = {
-                k: ({} if v is None and k in ("model", "tokenize", "fine_tune", "evaluate", "tracking") else v)
+                k: (
+                    {}
+                    if v is None and k in ("model", "tokenize", "fine_tune", "evaluate", "tracking", "registry")
+                    else v
+                )
                 for k, v in raw.items()
             }
         return raw
@@ -237,6 +293,7 @@ class Params(_Strict):
     source_path: str = Field("", exclude=True)
     project_root: str = Field("", exclude=True)
     profiles: dict[str, Profile] = Field(default_factory=dict, exclude=True)
+    overrides: dict[str, Any] = Field(default_factory=dict, exclude=True)  # what differs from the file
 
     # --- resolved paths -------------------------------------------------------
     def resolve(self, p: str | os.PathLike) -> Path:
@@ -284,7 +341,8 @@ class Params(_Strict):
 
     def payload(self) -> dict[str, Any]:
         """Everything a stage needs to rebuild these params elsewhere (see :func:`params_from_payload`)."""
-        return {"params": self.resolved(), "profiles": {k: p.model_dump(mode="json") for k, p in self.profiles.items()}}
+        profiles = {k: p.model_dump(mode="json") for k, p in self.profiles.items()}
+        return {"params": self.resolved(), "profiles": profiles, "overrides": dict(self.overrides)}
 
     def save(self, folder: Path) -> Path:
         """Write these params (absolute paths) and their profiles into ``folder``; returns the params file."""
@@ -383,6 +441,152 @@ def find_project_root(params_path: Path) -> Path:
     return parent.parent if parent.name == "params" else parent
 
 
+# The fields a researcher changes at trigger time: the Airflow Trigger form shows these.
+TRIGGER_FIELDS = (
+    "data.path",
+    "data.label_key",
+    "fine_tune.epochs",
+    "fine_tune.learning_rate",
+    "fine_tune.batch_size",
+    "fine_tune.freeze_layers",
+    "fine_tune.class_weights",
+    "fine_tune.early_stopping_patience",
+    "profile",
+)
+
+
+def flatten_overrides(conf: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """``{"fine_tune": {"epochs": 2}}`` or ``{"fine_tune.epochs": 2}`` -> ``{"fine_tune.epochs": 2}``."""
+    out: dict[str, Any] = {}
+    for k, v in (conf or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v and key.split(".")[0] in Params.model_fields and _is_section(key):
+            out.update(flatten_overrides(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _is_section(dotted: str) -> bool:
+    """Whether ``dotted`` names a nested section of the schema (whose keys are fields), not a mapping field."""
+    cur: Any = Params
+    for part in dotted.split("."):
+        fields = getattr(cur, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        ann = fields[part].annotation
+        subs = [a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not subs:
+            return False
+        cur = subs[0]
+    return True
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set fine_tune.epochs=2`` (YAML values) -> overrides."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError("--set", [f"{item!r} is not KEY=VALUE. Fix: e.g. --set fine_tune.epochs=2"])
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def apply_overrides(params: Params, overrides: Mapping[str, Any] | None) -> Params:
+    """``overrides`` (dotted keys, or nested sections) merged over the params, validated by the same schema.
+
+    An unknown key or an invalid value raises :class:`ParamsError` naming the field and the fix, before any
+    compute. The result records in ``overrides`` the values that differ from the file.
+    """
+    flat = flatten_overrides(overrides)
+    if not flat:
+        return params
+    raw = params.model_dump(mode="json")
+    problems: list[str] = []
+    for dotted, value in flat.items():
+        cur: Any = raw
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(cur, dict) or (part not in cur and not _optional_section(parts[: i + 1])):
+                allowed = sorted(cur) if isinstance(cur, dict) else []
+                close = difflib.get_close_matches(part, allowed, n=1)
+                hint = f" Did you mean '{'.'.join([*parts[:i], close[0]])}'?" if close else ""
+                problems.append(
+                    f"override {dotted}: unknown field. Fix: use a field of the params schema, "
+                    f"e.g. {', '.join(TRIGGER_FIELDS[:3])}.{hint}"
+                )
+                break
+            if i == len(parts) - 1:
+                cur[part] = value
+            else:
+                cur = cur.setdefault(part, {}) if cur.get(part) is None else cur[part]
+    if problems:
+        raise ParamsError(params.source_path or "overrides", problems)
+    try:
+        merged = Params.model_validate(raw)
+    except ValidationError as e:
+        fixes = [
+            f"override {p} Fix: change the override (or the params file)." for p in _validation_problems(e, Params)
+        ]
+        raise ParamsError(params.source_path or "overrides", fixes) from None
+    changed = {k: v for k, v in flat.items() if _get(params, k) != _get(merged, k)}
+    merged = merged.model_copy(
+        update={
+            "source_path": params.source_path,
+            "project_root": params.project_root,
+            "profiles": params.profiles,
+            "overrides": {**params.overrides, **changed},
+        }
+    )
+    problems = _profile_problems(merged) + (data_file_problems(merged) if "data.path" in changed else [])
+    if problems:
+        raise ParamsError(params.source_path or "overrides", [f"override {p}" for p in problems])
+    return merged
+
+
+def _optional_section(parts: list[str]) -> bool:
+    return _is_section(".".join(parts))
+
+
+def _get(params: Params, dotted: str) -> Any:
+    cur: Any = params
+    for part in dotted.split("."):
+        cur = getattr(cur, part, None) if not isinstance(cur, dict) else cur.get(part)
+    return cur.model_dump(mode="json") if isinstance(cur, BaseModel) else cur
+
+
+def trigger_form(params: Params) -> dict[str, dict[str, Any]]:
+    """JSON-schema specs (type, bounds, description, default from the file) for the Trigger form's fields."""
+    schema = Params.model_json_schema()
+    defs = schema.get("$defs", {})
+    out: dict[str, dict[str, Any]] = {}
+    for dotted in TRIGGER_FIELDS:
+        node: dict[str, Any] = schema
+        for part in dotted.split("."):
+            node = node["properties"][part]
+            if "$ref" in node:
+                node = defs[node["$ref"].rsplit("/", 1)[-1]]
+        spec = {
+            k: v
+            for k, v in node.items()
+            if k in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "description")
+        }
+        if "anyOf" in node:  # `int | None`: a nullable type with the bounds of its non-null branch
+            branches = node["anyOf"]
+            spec["type"] = [b.get("type", "null") for b in branches]
+            for b in branches:
+                spec.update({k: v for k, v in b.items() if k in ("minimum", "exclusiveMinimum", "maximum")})
+        if dotted == "profile":
+            spec["enum"] = sorted(params.profiles)
+        spec.setdefault("description", "")
+        spec["description"] = (spec["description"] + f" (file: {_get(params, dotted)!r})").strip()
+        spec["default"] = _get(params, dotted)
+        spec["title"] = dotted
+        out[dotted] = spec
+    return out
+
+
 def write_payload(payload: dict[str, Any], folder: Path) -> Path:
     """Write a params payload as ``folder/<experiment>.yaml`` + ``folder/profiles.yaml`` (atomically)."""
     from .runs import write_text
@@ -397,7 +601,33 @@ def write_payload(payload: dict[str, Any], folder: Path) -> Path:
 
 def params_from_payload(payload: dict[str, Any], folder: Path, *, check_files: bool = True) -> Params:
     """Params rebuilt from :meth:`Params.payload` (what the container launchers pass), validated."""
-    return load_params(write_payload(payload, folder), check_files=check_files)
+    params = load_params(write_payload(payload, folder), check_files=check_files)
+    return params.model_copy(update={"overrides": dict(payload.get("overrides") or {})})
+
+
+def _trial_problems(params: Params) -> list[str]:
+    """Every trial of a sweep is validated with the file: a bad value fails before any compute."""
+    if params.sweep is None:
+        return []
+    from .sweep import trials
+
+    problems: list[str] = []
+    for k, overrides in enumerate(trials(params)):
+        try:
+            apply_overrides(params, overrides)
+        except ParamsError as e:
+            problems += [p.replace("override ", f"sweep trial {k}: ", 1) for p in e.problems]
+    return problems
+
+
+def _profile_problems(params: Params) -> list[str]:
+    named = [("profile", params.profile)] + [(f"stage_profiles.{s}", n) for s, n in params.stage_profiles.items()]
+    return [
+        f"{field}: unknown resource profile {name!r}. Fix: use one of {', '.join(sorted(params.profiles))} "
+        "(defined in profiles.yaml)."
+        for field, name in named
+        if name not in params.profiles
+    ]
 
 
 def load_params(path: str | os.PathLike, *, check_files: bool = True) -> Params:
@@ -420,13 +650,8 @@ def load_params(path: str | os.PathLike, *, check_files: bool = True) -> Params:
     except ValidationError as e:
         raise ParamsError(path, _validation_problems(e, Params)) from None
     params = params.model_copy(update={"source_path": str(path), "project_root": str(root), "profiles": profiles})
-    named = [("profile", params.profile)] + [(f"stage_profiles.{s}", n) for s, n in params.stage_profiles.items()]
-    for field, name in named:
-        if name not in profiles:
-            problems.append(
-                f"{field}: unknown resource profile {name!r}. Fix: use one of "
-                f"{', '.join(sorted(profiles))} (defined in {profiles_path.name})."
-            )
+    problems += _profile_problems(params)
+    problems += _trial_problems(params)
     if check_files:
         problems += data_file_problems(params)
     # deduplicate while keeping order

@@ -210,19 +210,60 @@ class Run:
     stage's own metrics).
     """
 
-    def __init__(self, params: "Params", run_dir: Path, run_id: str | None = None):
+    def __init__(
+        self,
+        params: "Params",
+        run_dir: Path,
+        run_id: str | None = None,
+        *,
+        root: "Run | None" = None,
+        trial: Shard | None = None,
+    ):
         self.params = params
         self.dir = Path(run_dir).resolve()
         self.run_id = run_id or self.dir.name
+        self.root = root or self  # a sweep trial's run folder lives inside the run's: trials/<k>/
+        self.trial = trial
+
+    def for_trial(self, trial: "Shard | str") -> "Run":
+        """A sweep trial: its folder ``trials/<k>/`` (``model/``, ``checkpoints/``, ``evaluate/``), its params
+        (the trial's overrides merged), an MLflow child run; the run's ``load/`` and ``tokenized/`` are linked."""
+        from .params import apply_overrides
+        from .sweep import trials
+
+        trial = Shard.parse(trial, "trial")
+        assert trial is not None
+        params = apply_overrides(self.params, trials(self.params)[trial.i])
+        d = self.dir / "trials" / str(trial.i)
+        d.mkdir(parents=True, exist_ok=True)
+        for st in stages.STAGES:  # what the trials share: outputs of the stages before them
+            link = d / st.output
+            if st.sharding != "trials" and (self.dir / st.output).is_dir() and not link.exists():
+                link.symlink_to(Path("..") / ".." / st.output)
+
+        def change(m: dict[str, Any]) -> None:
+            m.update(parent=str(self.dir), trial=trial.i, run_id=self.run_id, experiment=params.experiment)
+            m["overrides"] = trials(self.params)[trial.i]
+            m["params"] = params.snapshot()
+
+        update_manifest(d, change)
+        return Run(params, d, self.run_id, root=self, trial=trial)
 
     @classmethod
     def open(
-        cls, params: "Params | str | os.PathLike", run_id: str | None = None, *, run_dir: Path | str | None = None
+        cls,
+        params: "Params | str | os.PathLike",
+        run_id: str | None = None,
+        *,
+        run_dir: Path | str | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> "Run":
-        from .params import Params, load_params
+        """The run (created if new) of a params file or object, with ``overrides`` merged and validated."""
+        from .params import Params, apply_overrides, load_params
 
         if not isinstance(params, Params):
             params = load_params(params)
+        params = apply_overrides(params, overrides)
         if run_dir is None:
             if run_id is None:
                 raise ValueError("Run.open needs a run_id or a run_dir")
@@ -242,6 +283,8 @@ class Run:
             m.setdefault("created", now_iso())
             m.setdefault("host", platform.node())
             m["params"] = self.params.snapshot()
+            if self.params.overrides:  # the run's own copy of its params already carries them
+                m["overrides"] = {**m.get("overrides", {}), **self.params.overrides}
             m.setdefault("stages", {})
 
         self.update(change)
@@ -278,14 +321,19 @@ class Run:
         self.update(lambda m: m.setdefault("warnings", []).append(f"{now_iso()} {message}"))
 
     # --- stage inputs and outputs ---------------------------------------------
-    def require_upstream(self, stage: Stage) -> None:
-        bad = {}
+    def require_upstream(self, stage: Stage, shard: Shard | None = None) -> None:
+        """A trial needs its own trial upstream; ``needs: any`` (compare) needs one upstream success."""
+        bad, good = {}, 0
         for up in stage.upstream:
-            for key in stages.get(up).keys(self.params):
+            ust = stages.get(up)
+            same_trial = shard is not None and shard.kind == "trial" and ust.sharding == "trials"
+            for key in [ust.key(shard)] if same_trial else ust.keys(self.params):
                 status = self.record(key).get("status")
                 if status != "success":
                     bad[key] = status or "not run"
-        if bad:
+                else:
+                    good += 1
+        if bad and not (stage.needs == "any" and good):
             detail = ", ".join(f"{k}: {v}" for k, v in bad.items())
             ups = ", ".join(f"'{u}'" for u in stage.upstream)
             raise StageNotReady(
@@ -316,8 +364,11 @@ class Run:
         """
         from .tracking import PUSH_JOB_STAGE, StageMetrics
 
-        m = StageMetrics(self.params.experiment, stages.get(stage), Shard.parse(shard))
-        self.update(lambda man: man.setdefault("versions", {"python": platform.python_version(), **package_versions()}))
+        st = stages.get(stage)
+        m = StageMetrics(self.params.experiment, st, Shard.parse(shard, st.shard_kind) or self.trial)
+        self.root.update(
+            lambda man: man.setdefault("versions", {"python": platform.python_version(), **package_versions()})
+        )
         t0 = time.perf_counter()
         ok = False
         try:
@@ -325,7 +376,7 @@ class Run:
             ok = True
         finally:
             m.set("helical_stage_work_seconds", time.perf_counter() - t0)
-            m.write(self.dir / "metrics" / f"{m.key}.prom")
+            m.write(self.root.dir / "metrics" / f"{m.key}.prom")
             if m.push(self.params.pushgateway, PUSH_JOB_STAGE) is False:
                 self.warn(f"metrics of {m.key} not pushed to the Pushgateway at {self.params.pushgateway}")
             if ok:
@@ -342,8 +393,8 @@ class Run:
         kernel environment, which has nbconvert and MLflow).
         """
         st = stages.get(stage)
-        shard = Shard.parse(shard)
-        self.require_upstream(st)
+        shard = Shard.parse(shard, st.shard_kind)
+        self.require_upstream(st, shard)
         a = Attempt(st, shard, self.dir)
         tries = int(self.record(a.key).get("attempt", 0)) + 1
         self.set_stage(
@@ -401,9 +452,17 @@ class Run:
         ):
             if path is not None:
                 ml.log_artifacts(path, where)
-        if a.status != "success":
+        if a.shard is not None and a.shard.kind == "trial":  # the trial's own child run: report and outcome
+            child = self.for_trial(a.shard).mlflow
+            for path, where in ((a.notebook, "notebooks"), (html, "reports")):
+                if path is not None:
+                    child.log_artifacts(path, where)
+            last_trial_stage = [s for s in stages.STAGES if s.sharding == "trials"][-1].name
+            if a.status != "success" or a.stage.name == last_trial_stage:
+                child.terminate("FINISHED" if a.status == "success" else "FAILED")
+        elif a.status != "success":
             ml.terminate("FAILED")
-        elif a.stage.name == stages.last().name:
+        if a.status == "success" and a.stage.name == stages.last().name:
             ml.terminate("FINISHED")
         if html is not None:
             print(f"report: {html}")
@@ -426,14 +485,34 @@ def notes_to_stdout() -> None:
         lg.setLevel(logging.INFO if name == "helical_workflow" else logging.WARNING)
         lg.propagate = False
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    import mlflow  # noqa: F401 - it installs its own stderr handler on import: replace it with the notes
+
     for name in ("mlflow", "alembic", "helical", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow_logger = logging.getLogger("mlflow")
+    mlflow_logger.handlers = [handler]
+    mlflow_logger.propagate = False
     notes_to_stdout.done = True  # type: ignore[attr-defined]
 
 
-def open_run(params_path: "str | os.PathLike", run_dir: "str | os.PathLike") -> Run:
-    """The notebooks' setup: the run folder ``run_dir`` for the params file ``params_path``."""
+def open_run(
+    params_path: "str | os.PathLike",
+    run_dir: "str | os.PathLike",
+    overrides: dict[str, Any] | None = None,
+    trial: "Shard | str | None" = None,
+) -> Run:
+    """The notebooks' setup: the run folder ``run_dir`` for the params file ``params_path``, with
+    ``overrides`` (``{"fine_tune.epochs": 2}``) merged and validated as a trigger's would be; with
+    ``trial`` (``"K/N"``), that sweep trial's own run (its folder ``trials/<K>/``)."""
     notes_to_stdout()
-    run = Run.open(params_path, run_dir=Path(run_dir))
+    run = Run.open(params_path, run_dir=Path(run_dir), overrides=overrides)
+    if trial is not None:
+        run = run.for_trial(trial)
+        print(
+            f"trial {run.trial.i} of {run.trial.n}: "
+            + ", ".join(f"{k}={v!r}" for k, v in run.manifest["overrides"].items())
+        )
     print(f"experiment {run.params.experiment!r}, run folder {run.dir}")
+    if run.params.overrides:
+        print("overrides: " + ", ".join(f"{k}={v!r}" for k, v in run.params.overrides.items()))
     return run

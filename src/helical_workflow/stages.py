@@ -19,17 +19,21 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, order=True)
 class Shard:
-    """Row shard ``i`` (0-based) of ``n``: one mapped Airflow task of a sharded stage."""
+    """Part ``i`` (0-based) of ``n`` of a sharded stage: one mapped Airflow task.
+
+    ``kind`` says what is split: ``shard`` (row ranges of the data) or ``trial`` (a sweep's trials).
+    """
 
     i: int
     n: int
+    kind: Literal["shard", "trial"] = "shard"
 
     def __post_init__(self) -> None:
         if self.n < 1 or not 0 <= self.i < self.n:
-            raise ValueError(f"shard {self.i}/{self.n}: need 0 <= I < N")
+            raise ValueError(f"{self.kind} {self.i}/{self.n}: need 0 <= I < N")
 
     @classmethod
-    def parse(cls, value: "Shard | str | None") -> "Shard | None":
+    def parse(cls, value: "Shard | str | None", kind: Literal["shard", "trial"] = "shard") -> "Shard | None":
         """``'I/N'`` (what papermill and the command line pass) -> Shard; None stays None."""
         if value is None or isinstance(value, Shard):
             return value
@@ -39,20 +43,20 @@ class Shard:
         try:
             i, n = (int(x) for x in text.split("/"))
         except ValueError:
-            raise ValueError(f"shard {value!r} is not of the form I/N (e.g. 0/4)") from None
-        return cls(i, n)
+            raise ValueError(f"{kind} {value!r} is not of the form I/N (e.g. 0/4)") from None
+        return cls(i, n, kind)
 
     @classmethod
-    def all(cls, n: int) -> list["Shard"]:
-        return [cls(i, n) for i in range(n)]
+    def all(cls, n: int, kind: Literal["shard", "trial"] = "shard") -> list["Shard"]:
+        return [cls(i, n, kind) for i in range(n)]
 
     def __str__(self) -> str:
         return f"{self.i}/{self.n}"
 
     @property
     def name(self) -> str:
-        """Folder, run.json key, notebook and metrics-file suffix: ``shard-0000i-of-0000n``."""
-        return f"shard-{self.i:05d}-of-{self.n:05d}"
+        """Folder, run.json key, notebook and metrics-file suffix: ``shard-0000i-of-0000n`` (or ``trial-...``)."""
+        return f"{self.kind}-{self.i:05d}-of-{self.n:05d}"
 
     def bounds(self, total: int) -> tuple[int, int]:
         """The [start, stop) of this shard's rows among ``total`` (contiguous, near-equal ranges)."""
@@ -103,21 +107,33 @@ class Stage:
     upstream: tuple[str, ...]
     output: str
     metrics: tuple[Metric, ...] = ()
-    sharding: Literal["none", "rows"] = "none"
+    sharding: Literal["none", "rows", "trials"] = "none"
     shards_param: str | None = None  # dotted params field holding the shard count (sharding "rows")
     description: str = ""
+    needs: Literal["all", "any"] = "all"  # "any": runs when at least one upstream task succeeded (after a sweep)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def shard_count(self, params: "Params | None") -> int:
-        if self.sharding == "none" or params is None or not self.shards_param:
+        if params is None or self.sharding == "none":
             return 1
+        if self.sharding == "trials":
+            from .sweep import trial_count
+
+            return trial_count(params)
         section, name = self.shards_param.split(".")
         return int(getattr(getattr(params, section), name))
 
     def shards(self, params: "Params | None") -> list[Shard | None]:
-        """One entry per task: ``[None]`` for an unsharded stage (or one shard of one)."""
+        """One entry per task: ``[None]`` for an unsharded stage (or one shard of one); a sweep's trials
+        are always trials, even one."""
         n = self.shard_count(params)
+        if self.sharding == "trials" and params is not None and params.sweep is not None:
+            return list(Shard.all(n, "trial"))
         return [None] if n == 1 else list(Shard.all(n))
+
+    @property
+    def shard_kind(self) -> Literal["shard", "trial"]:
+        return "trial" if self.sharding == "trials" else "shard"
 
     def key(self, shard: Shard | None) -> str:
         """The run.json key of one attempt: ``stage`` or ``stage.shard-0000i-of-0000n``."""
@@ -149,7 +165,7 @@ STAGES: tuple[Stage, ...] = (
         (),
         "load",
         metrics=(CELLS, GENES),
-        description="open the .h5ad in backed mode, QC, stratified split",
+        description="open the .h5ad in backed mode, QC, split (stratified; grouped by donor when asked)",
     ),
     Stage(
         "tokenize",
@@ -171,6 +187,7 @@ STAGES: tuple[Stage, ...] = (
         "03_fine_tune.ipynb",
         ("tokenize",),
         "model",
+        sharding="trials",
         metrics=(
             _gauge("helical_train_cells_per_second", "Training throughput"),
             _gauge("helical_validation_accuracy", "Validation accuracy of the kept model"),
@@ -184,12 +201,26 @@ STAGES: tuple[Stage, ...] = (
         "04_evaluate.ipynb",
         ("fine_tune",),
         "evaluate",
+        sharding="trials",
         metrics=(
             CELLS,
             _gauge("helical_model_accuracy", "Test accuracy"),
             _gauge("helical_model_macro_f1", "Test macro-F1"),
         ),
         description="predictions, logits, embeddings, metrics and plots on the test split",
+    ),
+    Stage(
+        "compare",
+        "05_compare.ipynb",
+        ("evaluate",),
+        "compare",
+        needs="any",
+        metrics=(
+            _gauge("helical_trials", "Trials compared, by outcome", "status"),
+            _gauge("helical_best_validation_score", "The winner's validation score (the sweep metric)"),
+            _gauge("helical_champion_promoted", "1 if this run's model became the registry's champion"),
+        ),
+        description="rank the trials (or runs), baselines, register the winner, promote the champion",
     ),
 )  # end of STAGES
 

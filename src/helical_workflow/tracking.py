@@ -196,10 +196,17 @@ class MlflowRun:
             )
         else:
             exp_id = exp.experiment_id
-        mrun = client.create_run(
-            exp_id, run_name=self.run.dir.name, tags={"run_dir": str(self.run.dir), "airflow_run_id": self.run.run_id}
-        )
-        items = [Param(k, v) for k, v in _flatten(params.snapshot()).items()]
+        tags = {"run_dir": str(self.run.dir), "airflow_run_id": self.run.run_id}
+        name = self.run.dir.name
+        parent = self.run.manifest.get("parent")
+        if parent:  # a sweep trial: a child run under the run's own MLflow run
+            from .runs import Run
+
+            tags["mlflow.parentRunId"] = MlflowRun.of(Run(params, Path(parent))).id
+            name = f"{Path(parent).name}/trial-{self.run.manifest.get('trial')}"
+        mrun = client.create_run(exp_id, run_name=name, tags=tags)
+        logged = {**_flatten(params.snapshot()), **{f"override.{k}": str(v) for k, v in params.overrides.items()}}
+        items = [Param(k, v) for k, v in logged.items()]
         for i in range(0, len(items), 100):
             client.log_batch(mrun.info.run_id, params=items[i : i + 100])
         known = {"run_id": mrun.info.run_id, "experiment_id": exp_id, "tracking_uri": self.uri}
