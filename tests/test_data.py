@@ -31,6 +31,13 @@ def params_for(tmp_path, model_cache, path, **kw):
     )
 
 
+def assert_load_fails(params, run_dir, match: str) -> None:
+    """The load stage stops with a DatasetError matching ``match`` and leaves no ``load/`` behind."""
+    with pytest.raises(data.DatasetError, match=match):
+        data.load_stage(params, run_dir)
+    assert not (run_dir / "load").exists()
+
+
 def test_counts_reader_streams_rows_without_loading_everything():
     full = anndata.read_h5ad(DEMO_DATA)
     with data.CountsReader(DEMO_DATA, "X") as r:
@@ -120,13 +127,12 @@ def test_label_column_without_any_label_is_an_error(tmp_path, model_cache, missi
         model_cache,
         write_h5ad(tmp_path / "n.h5ad", sp.csr_matrix(np.ones((6, 4), np.float32)), labels=[missing] * 6),
     )
-    with pytest.raises(
-        data.DatasetError,
-        match=r"label column 'cell_type' of n.h5ad has no value for any of its "
+    assert_load_fails(
+        p,
+        tmp_path / "run",
+        r"label column 'cell_type' of n.h5ad has no value for any of its "
         r"6 cells .*Fix: set data.label_key to a labelled column",
-    ):
-        data.load_stage(p, tmp_path / "run")
-    assert not (tmp_path / "run" / "load").exists()
+    )
 
 
 @pytest.mark.parametrize("missing", [None, "", "  "])
@@ -206,25 +212,23 @@ def test_grouped_split_is_close_to_the_fractions_and_follows_the_seed():
 
 def test_missing_group_column_lists_the_columns(tmp_path, model_cache):
     p = params_for(tmp_path, model_cache, donor_dataset(tmp_path / "g.h5ad"), data__split__group_by="patient")
-    with pytest.raises(
-        data.DatasetError,
-        match=r"data.split.group_by: column 'patient' is not in adata.obs of g.h5ad "
+    assert_load_fails(
+        p,
+        tmp_path / "run",
+        r"data.split.group_by: column 'patient' is not in adata.obs of g.h5ad "
         r"\(columns: cell_type, donor, batch\)",
-    ):
-        data.load_stage(p, tmp_path / "run")
-    assert not (tmp_path / "run" / "load").exists()
+    )
 
 
 def test_too_few_groups_for_the_splits_is_an_error(tmp_path, model_cache):
     path = donor_dataset(tmp_path / "g.h5ad", n_donors=2)
     p = params_for(tmp_path, model_cache, path, data__split__group_by="donor")
-    with pytest.raises(
-        data.DatasetError,
-        match=r"column 'donor' has 2 group\(s\) with usable cells \(d0, d1\), but each of train, validation, "
+    assert_load_fails(
+        p,
+        tmp_path / "run",
+        r"column 'donor' has 2 group\(s\) with usable cells \(d0, d1\), but each of train, validation, "
         r"test needs at least one whole group. Fix: .*set data.split.validation: 0",
-    ):
-        data.load_stage(p, tmp_path / "run")
-    assert not (tmp_path / "run" / "load").exists()
+    )
     split = {"train": 0.8, "validation": 0.0, "test": 0.2, "group_by": "donor"}
     summary = data.load_stage(params_for(tmp_path, model_cache, path, data__split=split), tmp_path / "run")
     assert summary["groups_per_split"] == {"train": 1, "test": 1}

@@ -519,16 +519,9 @@ def stratified_split(
     (NA) are excluded too.
     """
     if groups is not None:
+        fractions = (train, validation, test)
         return grouped_split(
-            labels,
-            groups,
-            train=train,
-            validation=validation,
-            test=test,
-            seed=seed,
-            min_cells=min_cells,
-            stratify=stratify,
-            group_by=group_by,
+            labels, groups, fractions, seed=seed, min_cells=min_cells, stratify=stratify, group_by=group_by
         )
     rng = np.random.default_rng(seed)
     out = pd.Series("excluded", index=labels.index, dtype=object)
@@ -552,10 +545,8 @@ def stratified_split(
 def grouped_split(
     labels: pd.Series,
     groups: pd.Series,
+    fractions: tuple[float, float, float],
     *,
-    train: float,
-    validation: float,
-    test: float,
     seed: int,
     min_cells: int,
     stratify: bool = True,
@@ -587,7 +578,7 @@ def grouped_split(
     l_codes, _ = pd.factorize(lab[ok], sort=True)
     counts = np.zeros((len(g_names), l_codes.max() + 1))  # cells per group and label
     np.add.at(counts, (g_codes, l_codes), 1)
-    fractions = np.array([train, validation, test], dtype=float)
+    fractions = np.array(fractions, dtype=float)  # train, validation, test
     active = fractions > 0
     if len(g_names) < active.sum():
         wanted = [s for s, a in zip(SPLITS, active) if a]
