@@ -103,3 +103,15 @@ def test_make_airflow_starts_the_api_and_stops(tmp_path):
         assert (tmp_path / "airflow" / "simple_auth_manager_passwords.json.generated").exists()
     finally:
         _stop(proc)
+
+
+def test_make_demo_runs_the_workflow_and_reports(tmp_path):
+    """`make demo` as written: validate, `airflow dags test helical_demo`, then the report's summary."""
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "HELICAL_WORKFLOW_OUTPUTS": str(tmp_path / "out")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run(["make", "-s", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "OK params/demo.yaml" in r.stdout and "Run folder:" in r.stdout
+    assert "Test accuracy" in r.stdout and "wins with validation_macro_f1" in r.stdout
+    (run_dir,) = (tmp_path / "out" / "demo").glob("manual__*")
+    assert (run_dir / "reports" / "05_compare.html").exists()

@@ -182,7 +182,17 @@ def compare_stage(run: "Run") -> dict[str, Any]:
         _plots(table, curves(run), sweep.varied(params), metric, out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run.update(lambda m: m.update(registry=summary["registry"], winner=summary["winner"]))
+    if summary["registry"].get("promoted"):  # what the DAG's docs show as the experiment's champion
+        from .runs import write_json
+
+        champion = {"run": run.run_id, "trial": summary["winner"], "test": summary["test"], **summary["registry"]}
+        write_json(champion_file(params), champion)
     return summary
+
+
+def champion_file(params) -> Path:
+    """Where the compare stage notes the experiment's champion (what the DAG's docs show)."""
+    return params.outputs_path / "champions" / f"{params.experiment}.json"
 
 
 def _beats(test: dict[str, Any], baseline: dict[str, Any]) -> bool | None:

@@ -15,6 +15,7 @@ DAG's docs); a run of it fails in the first task, at validation, before any comp
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -194,6 +195,20 @@ def _doc(path: Path, params: Params | None) -> str:
         ("profile", f"`{params.profile}`" + (f", per stage {params.stage_profiles}" if params.stage_profiles else "")),
         ("outputs", f"`{params.outputs_path / params.experiment}/<run id>/`"),
     ]
+    champion = params.outputs_path / "champions" / f"{params.experiment}.json"  # compare.champion_file
+    if champion.is_file():  # written by the compare stage when the champion alias moves
+        c = json.loads(champion.read_text())
+        rows.append(
+            (
+                "champion",
+                f"`{c.get('name')}` v{c.get('version')}: {c.get('metric')} {c.get('value', 0):.3f}, "
+                f"test macro-F1 {(c.get('test') or {}).get('macro_f1') or 0:.3f} (run `{c.get('run')}`)",
+            )
+        )
+    if params.sweep is not None:
+        from .sweep import trial_count, varied
+
+        rows.append(("sweep", f"{trial_count(params)} trials ({params.sweep.method}) over {', '.join(varied(params))}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (
         f"{doc}\n\n| setting | value |\n| --- | --- |\n{table}\n\n"

@@ -419,18 +419,20 @@ def run_workflow(
     The params file and ``overrides`` are validated once, before any stage starts.
     """
     params = apply_overrides(load_params(params_path), overrides)
-    failed: list[str] = []
+    failed: dict[int, str] = {}  # trial -> why; its later stages are skipped, the other trials go on
     for st in stages.STAGES:
         if only and st.name not in only:
             continue
         for shard in st.shards(params):
+            if shard is not None and shard.kind == "trial" and shard.i in failed:
+                continue
             try:
                 launch(params, st.name, run_id, shard=shard, **kw)
             except StageFailed as e:
                 if shard is None or shard.kind != "trial":
                     raise
-                failed.append(f"{st.key(shard)}: {str(e).splitlines()[0]}")  # the other trials go on
+                failed[shard.i] = f"{st.key(shard)}: {str(e).splitlines()[0]}"
     if failed:
-        raise StageFailed(f"{len(failed)} trial attempt(s) failed (the others ran): " + "; ".join(failed))
+        raise StageFailed(f"{len(failed)} trial(s) failed (the others ran): " + "; ".join(failed.values()))
     # not created up front: a container stage (uid 1000) must be able to create the run folder itself
     return Run(params, run_dir_for(params.outputs_path, params.experiment, run_id), run_id)

@@ -452,8 +452,12 @@ class Run:
         ):
             if path is not None:
                 ml.log_artifacts(path, where)
-        if a.shard is not None and a.shard.kind == "trial":  # the trial's own child run: report and outcome
-            child = self.for_trial(a.shard).mlflow
+        trial = self.for_trial(a.shard) if a.shard is not None and a.shard.kind == "trial" else None
+        if a.status == "success" and a.stage.artifacts:  # plots, predictions.csv, metrics.json: first-class
+            ml_of_output = trial.mlflow if trial else ml
+            ml_of_output.log_artifacts((trial or self).dir / a.stage.output, a.stage.output)
+        if trial is not None:  # the trial's own child run: report and outcome
+            child = trial.mlflow
             for path, where in ((a.notebook, "notebooks"), (html, "reports")):
                 if path is not None:
                     child.log_artifacts(path, where)

@@ -111,6 +111,7 @@ class Stage:
     shards_param: str | None = None  # dotted params field holding the shard count (sharding "rows")
     description: str = ""
     needs: Literal["all", "any"] = "all"  # "any": runs when at least one upstream task succeeded (after a sweep)
+    artifacts: bool = False  # log the output folder to MLflow after a successful attempt (small outputs only)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def shard_count(self, params: "Params | None") -> int:
@@ -207,6 +208,7 @@ STAGES: tuple[Stage, ...] = (
             _gauge("helical_model_accuracy", "Test accuracy"),
             _gauge("helical_model_macro_f1", "Test macro-F1"),
         ),
+        artifacts=True,
         description="predictions, logits, embeddings, metrics and plots on the test split",
     ),
     Stage(
@@ -215,6 +217,7 @@ STAGES: tuple[Stage, ...] = (
         ("evaluate",),
         "compare",
         needs="any",
+        artifacts=True,
         metrics=(
             _gauge("helical_trials", "Trials compared, by outcome", "status"),
             _gauge("helical_best_validation_score", "The winner's validation score (the sweep metric)"),

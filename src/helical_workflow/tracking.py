@@ -135,6 +135,17 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def airflow_link(run_id: str) -> dict[str, str]:
+    """Tags that lead from an MLflow run back to its Airflow DAG run (inside an Airflow task)."""
+    from urllib.parse import quote
+
+    dag_id = os.environ.get("AIRFLOW_CTX_DAG_ID")
+    if not dag_id:
+        return {}
+    base = os.environ.get("AIRFLOW__API__BASE_URL", "http://localhost:8080").rstrip("/")
+    return {"airflow_dag_id": dag_id, "airflow_url": f"{base}/dags/{dag_id}/runs/{quote(run_id, safe='')}"}
+
+
 class MlflowRun:
     """The MLflow run of one workflow run: one client per process, created by the first stage.
 
@@ -196,7 +207,7 @@ class MlflowRun:
             )
         else:
             exp_id = exp.experiment_id
-        tags = {"run_dir": str(self.run.dir), "airflow_run_id": self.run.run_id}
+        tags = {"run_dir": str(self.run.dir), "airflow_run_id": self.run.run_id, **airflow_link(self.run.run_id)}
         name = self.run.dir.name
         parent = self.run.manifest.get("parent")
         if parent:  # a sweep trial: a child run under the run's own MLflow run
