@@ -10,6 +10,7 @@ for script, args in (
     ("tokenize_bench.py", sys.argv[1:] or []),
     ("train_bench.py", []),
     ("train_bench.py", ["--synthetic", "--cells", "600"]),
+    ("sweep_bench.py", []),
 ):
     print(f"\n=== {script} ===", flush=True)
     status |= subprocess.run([sys.executable, str(HERE / script), *args]).returncode

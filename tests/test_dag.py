@@ -67,7 +67,7 @@ def test_the_real_params_folder_gives_demo_and_yolksac_dags(airflow_env):
     env = {**airflow_env, "HELICAL_WORKFLOW_PARAMS_DIR": str(ROOT / "params")}
     r = run([AIRFLOW_BIN / "python", "-c", PARSE, ROOT / "dags"], env=env)
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out["dags"]) == {"helical_demo", "helical_yolksac_geneformer"}
+    assert set(out["dags"]) == {"helical_demo", "helical_demo_sweep", "helical_yolksac_geneformer"}
     assert out["dags"]["helical_yolksac_geneformer"]["retries"]["fine_tune"] == 2  # gpu profile
 
 
