@@ -216,7 +216,8 @@ class MlflowRun:
             tags["mlflow.parentRunId"] = MlflowRun.of(Run(params, Path(parent))).id
             name = f"{Path(parent).name}/trial-{self.run.manifest.get('trial')}"
         mrun = client.create_run(exp_id, run_name=name, tags=tags)
-        logged = {**_flatten(params.snapshot()), **{f"override.{k}": str(v) for k, v in params.overrides.items()}}
+        overrides = {**self.run.manifest.get("overrides", {}), **params.overrides}  # run.json keeps them all
+        logged = {**_flatten(params.snapshot()), **{f"override.{k}": str(v) for k, v in overrides.items()}}
         items = [Param(k, v) for k, v in logged.items()]
         for i in range(0, len(items), 100):
             client.log_batch(mrun.info.run_id, params=items[i : i + 100])
