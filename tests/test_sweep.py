@@ -71,7 +71,7 @@ def test_a_sweep_ranks_trials_registers_the_winner_and_keeps_the_champion(tmp_pa
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert client.get_run(parent).info.status == "FINISHED"
     champion = client.get_model_version_by_alias("demo_sweep", "champion")
-    assert champion.version == "1" and m["registry"]["promoted"] is True
+    assert str(champion.version) == "1" and m["registry"]["promoted"] is True
 
     # the registered model gives the winner's own test logits
     folder = registry.load("models:/demo_sweep@champion", f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
@@ -98,6 +98,6 @@ def test_a_sweep_ranks_trials_registers_the_winner_and_keeps_the_champion(tmp_pa
     table2 = pd.read_csv(second / "compare" / "trials.csv")
     assert list(table2.status) == ["success", "failed"] and "checkpoints" in table2.error[1]
     assert m2["registry"]["promoted"] is False and "champion" in m2["registry"]["reason"]
-    assert client.get_model_version_by_alias("demo_sweep", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("demo_sweep", "champion").version) == "1"
     assert "trial 1 failed" in (second / "reports" / "05_compare.html").read_text()
     assert ROOT.exists()
