@@ -71,6 +71,7 @@ def test_the_real_params_folder_gives_demo_and_yolksac_dags(airflow_env):
     assert out["dags"]["helical_yolksac_geneformer"]["retries"]["fine_tune"] == 2  # gpu profile
 
 
+@pytest.mark.slow
 def test_an_unknown_or_invalid_override_fails_before_compute(airflow_env, tmp_path):
     for conf, named in (
         ({"fine_tune": {"epoch": 1}}, "Did you mean 'fine_tune.epochs'"),
