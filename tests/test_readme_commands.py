@@ -115,3 +115,24 @@ def test_make_demo_runs_the_workflow_and_reports(tmp_path):
     assert "Test accuracy" in r.stdout and "wins with validation_macro_f1" in r.stdout
     (run_dir,) = (tmp_path / "out" / "demo").glob("manual__*")
     assert (run_dir / "reports" / "05_compare.html").exists()
+
+
+@pytest.mark.parametrize(
+    "target,args,expect",
+    [
+        ("env", [], ""),  # idempotent: both environments, the kernel, the Airflow DB, the git filter
+        ("lint", [], "All checks passed!"),
+        ("test-fast", ["PYTEST_ARGS=tests/test_stages.py"], "passed"),
+    ],
+)
+def test_make_targets_in_the_readme_run_as_written(target, args, expect):
+    r = subprocess.run(["make", "-s", target, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert expect in r.stdout
+    if target == "env":
+        assert (
+            "nbstripout"
+            in subprocess.run(
+                ["git", "config", "--get", "filter.nbstripout.clean"], cwd=ROOT, capture_output=True, text=True
+            ).stdout
+        )
