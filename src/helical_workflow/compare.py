@@ -186,13 +186,8 @@ def compare_stage(run: "Run") -> dict[str, Any]:
         from .runs import write_json
 
         champion = {"run": run.run_id, "trial": summary["winner"], "test": summary["test"], **summary["registry"]}
-        write_json(champion_file(params), champion)
+        write_json(params.champion_file, champion)
     return summary
-
-
-def champion_file(params) -> Path:
-    """Where the compare stage notes the experiment's champion (what the DAG's docs show)."""
-    return params.outputs_path / "champions" / f"{params.experiment}.json"
 
 
 def _beats(test: dict[str, Any], baseline: dict[str, Any]) -> bool | None:

@@ -195,7 +195,7 @@ def _doc(path: Path, params: Params | None) -> str:
         ("profile", f"`{params.profile}`" + (f", per stage {params.stage_profiles}" if params.stage_profiles else "")),
         ("outputs", f"`{params.outputs_path / params.experiment}/<run id>/`"),
     ]
-    champion = params.outputs_path / "champions" / f"{params.experiment}.json"  # compare.champion_file
+    champion = params.champion_file
     if champion.is_file():  # written by the compare stage when the champion alias moves
         c = json.loads(champion.read_text())
         rows.append(

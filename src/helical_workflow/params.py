@@ -310,6 +310,11 @@ class Params(_Strict):
         return Path(override).resolve() if override else self.resolve(self.outputs_dir)
 
     @property
+    def champion_file(self) -> Path:
+        """Where the compare stage notes the experiment's champion (what the DAG's docs show)."""
+        return self.outputs_path / "champions" / f"{self.experiment}.json"
+
+    @property
     def model_cache_prefix(self) -> Path:
         if self.model.cache_dir:
             return self.resolve(self.model.cache_dir)
@@ -508,7 +513,7 @@ def apply_overrides(params: Params, overrides: Mapping[str, Any] | None) -> Para
         cur: Any = raw
         parts = dotted.split(".")
         for i, part in enumerate(parts):
-            if not isinstance(cur, dict) or (part not in cur and not _optional_section(parts[: i + 1])):
+            if not isinstance(cur, dict) or (part not in cur and not _is_section(".".join(parts[: i + 1]))):
                 allowed = sorted(cur) if isinstance(cur, dict) else []
                 close = difflib.get_close_matches(part, allowed, n=1)
                 hint = f" Did you mean '{'.'.join([*parts[:i], close[0]])}'?" if close else ""
@@ -543,10 +548,6 @@ def apply_overrides(params: Params, overrides: Mapping[str, Any] | None) -> Para
     if problems:
         raise ParamsError(params.source_path or "overrides", [f"override {p}" for p in problems])
     return merged
-
-
-def _optional_section(parts: list[str]) -> bool:
-    return _is_section(".".join(parts))
 
 
 def _get(params: Params, dotted: str) -> Any:

@@ -366,9 +366,10 @@ class Run:
 
         st = stages.get(stage)
         m = StageMetrics(self.params.experiment, st, Shard.parse(shard, st.shard_kind) or self.trial)
-        self.root.update(
-            lambda man: man.setdefault("versions", {"python": platform.python_version(), **package_versions()})
-        )
+        if "versions" not in self.root.manifest:  # once per run, not a manifest write per stage
+            self.root.update(
+                lambda man: man.setdefault("versions", {"python": platform.python_version(), **package_versions()})
+            )
         t0 = time.perf_counter()
         ok = False
         try:
