@@ -261,6 +261,90 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+ANNOTATE_ERRORS = (
+    "AnnotateError",
+    "DatasetError",
+    "TokenizeError",
+    "RegistryError",
+    "ParamsError",
+    "FileNotFoundError",
+)
+
+
+def _annotate_settings(args: argparse.Namespace):
+    from . import launchers
+    from .annotate import Settings
+
+    params_path = Path(args.params or launchers.project_root() / "params" / "demo.yaml")
+    params = load_params(params_path, check_files=False)
+    return Settings.from_params(
+        params,
+        model=args.model,
+        min_confidence=args.min_confidence,
+        shards=args.shards,
+        outputs=args.out,
+        gene_names=args.gene_names,
+        gene_id_type=args.gene_id_type,
+    )
+
+
+def _annotate_error(e: BaseException) -> int:
+    if type(e).__name__ not in ANNOTATE_ERRORS:
+        raise e
+    print(f"annotate failed: {e}", file=sys.stderr)
+    return 2
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from . import annotate as an
+
+    try:
+        settings = _annotate_settings(args)
+        run_dir, done = an.annotate(args.input, settings, force=args.force, with_report=not args.no_report)
+    except Exception as e:
+        return _annotate_error(e)
+    m = an.read_manifest(run_dir)
+    if done:
+        print(f"already annotated by {m['model']['key']} (same content, sha256 {m['sha256'][:12]}): {run_dir}")
+    merged = m.get("merged") or {}
+    print(
+        f"{merged.get('cells')} cells annotated with {m['model']['key']} "
+        f"(gene coverage {m['gene_coverage']['coverage']:.1%}; unassigned {merged.get('unassigned')}; "
+        f"no tokens {merged.get('no_tokens')})"
+    )
+    for name, path in (merged.get("outputs") or {}).items():
+        print(f"{name}: {path}")
+    if m.get("report"):
+        print(f"report: {m['report']}")
+    return 0
+
+
+def cmd_annotate_step(args: argparse.Namespace) -> int:
+    """The DAG's steps, each in the kernel environment: prepare, shard, finish (merge + report)."""
+    from . import annotate as an
+
+    try:
+        if args.step == "prepare":
+            run_dir, done = an.prepare(args.target, _annotate_settings(args), force=args.force)
+            shards = [] if done else an.read_manifest(run_dir)["shards"]
+            print(json.dumps({"run_dir": str(run_dir), "done": done, "shards": shards}))
+            return 0
+        run_dir = Path(args.target)
+        try:
+            if args.step == "shard":
+                print(json.dumps(an.annotate_shard(run_dir, args.shard)))
+            else:
+                an.merge(run_dir)
+                m = an.finish(run_dir, an.report(run_dir, kernel_name=args.kernel))
+                print(json.dumps({"run_dir": str(run_dir), "report": m["report"], **m["merged"]}))
+        except BaseException as e:
+            an.fail(run_dir, e)
+            raise
+    except Exception as e:
+        return _annotate_error(e)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="helical-workflow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -333,7 +417,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input")
     c.add_argument("output")
     c.set_defaults(func=cmd_to_csr)
+
+    an = sub.add_parser("annotate", help="label the cells of any .h5ad with a fine-tuned model (predictions, report)")
+    an.add_argument("input", help="the .h5ad to annotate (read in backed mode, never modified)")
+    _annotate_options(an)
+    an.add_argument("--no-report", action="store_true", help="skip the report notebook")
+    an.set_defaults(func=cmd_annotate)
+
+    ast = sub.add_parser("annotate-step", help=argparse.SUPPRESS)
+    ast.add_argument("step", choices=["prepare", "shard", "finish"])
+    ast.add_argument("target", help="prepare: the input .h5ad; shard, finish: the annotation folder")
+    ast.add_argument("--shard", default=None)
+    ast.add_argument("--kernel", default="helical-workflow")
+    _annotate_options(ast)
+    ast.set_defaults(func=cmd_annotate_step)
     return p
+
+
+def _annotate_options(a: argparse.ArgumentParser) -> None:
+    a.add_argument(
+        "--model",
+        default=None,
+        help="models:/<name>@<alias>, models:/<name>/<version>, or a run folder; default: the params "
+        "file's annotate.model, else models:/<experiment>@champion",
+    )
+    a.add_argument("--params", default=None, help="params file for profiles, tracking and outputs (default: demo)")
+    a.add_argument("--out", default=None, help="outputs folder (annotations go to OUT/annotate/...)")
+    a.add_argument("--min-confidence", type=float, default=None, help="below it a cell is 'unassigned'")
+    a.add_argument("--shards", type=int, default=None, help="row-range shards (run one after another here)")
+    a.add_argument("--gene-names", default=None, help="var column with gene names, or 'index'")
+    a.add_argument("--gene-id-type", default=None, choices=["symbol", "ensembl"])
+    a.add_argument("--force", action="store_true", help="annotate again even if this content was annotated")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,6 +209,36 @@ class RegistryParams(_Strict):
     name: str | None = Field(None, description="registered model name; default: the experiment")
 
 
+class AnnotateParams(_Strict):
+    """``annotate:``: labelling new data with a fine-tuned model (the annotate command and DAG)."""
+
+    model: str | None = Field(
+        None,
+        description="models:/<name>@<alias>, models:/<name>/<version>, a run (or trial) folder, or a package "
+        "folder; default: models:/<registry name>@champion",
+    )
+    min_confidence: float = Field(0.5, ge=0, le=1, description="cells whose top probability is lower are 'unassigned'")
+    min_gene_coverage: float = Field(
+        0.5, gt=0, le=1, description="refuse inputs whose genes are in the model's vocabulary less often than this"
+    )
+    shards: int = Field(1, ge=1, le=512, description="row-range shards of the inference (one mapped task each)")
+    chunk_cells: int = Field(4096, ge=64, description="cells predicted (and held) at a time")
+    batch_size: int | None = Field(None, ge=1, description="default: the profile's")
+    gene_names: str | None = Field(None, description="var column with gene names; default: the model's training data's")
+    gene_id_type: Literal["symbol", "ensembl"] | None = Field(None, description="default: the model's training data's")
+    label_key: str | None = Field(
+        None, description="obs column with known labels to score against; default: the model's label key, if present"
+    )
+
+
+class WatchParams(_Strict):
+    """``watch:``: the folder whose new ``.h5ad`` files start annotation runs (an Airflow asset with a watcher)."""
+
+    incoming: str = Field("data/incoming", description="watched folder (relative to the project)")
+    stable_seconds: float = Field(5.0, ge=0, description="a file's size and mtime must hold this long before it runs")
+    poll_seconds: float = Field(2.0, gt=0, description="how often the triggerer looks at the folder")
+
+
 class TrackingParams(_Strict):
     mlflow_tracking_uri: str | None = Field(
         None, description="default: MLFLOW_TRACKING_URI, else a SQLite store under the outputs folder"
@@ -263,6 +293,8 @@ class Params(_Strict):
     dag: DagParams | None = None
     sweep: SweepParams | None = None
     registry: RegistryParams = RegistryParams()
+    annotate: AnnotateParams = AnnotateParams()
+    watch: WatchParams = WatchParams()
 
     @field_validator("stage_profiles")
     @classmethod
@@ -282,7 +314,8 @@ class Params(_Strict):
             raw = {
                 k: (
                     {}
-                    if v is None and k in ("model", "tokenize", "fine_tune", "evaluate", "tracking", "registry")
+                    if v is None
+                    and k in ("model", "tokenize", "fine_tune", "evaluate", "tracking", "registry", "annotate", "watch")
                     else v
                 )
                 for k, v in raw.items()
