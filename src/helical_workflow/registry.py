@@ -337,24 +337,29 @@ def _pip_requirements() -> list[str]:
 
 @contextlib.contextmanager
 def _tracking_at(uri: str) -> Iterator[Any]:
-    """MLflow's fluent API pointed at ``uri`` for the block (then as it was, environment included);
-    yields a client for the tracking store and its model registry."""
+    """MLflow's fluent API pointed at ``uri`` for the block, for tracking and for the model registry (a
+    ``models:/`` download resolves through the registry URI, which ``MLFLOW_REGISTRY_URI`` would otherwise
+    name); then as it was, environment included. Yields a client for the tracking store and its registry."""
     import mlflow
-    from mlflow.tracking import _tracking_service
+    from mlflow.tracking import _model_registry, _tracking_service
 
     if uri.startswith("sqlite:///"):  # the embedded store's folder (the server makes its own)
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     old_uri = getattr(_tracking_service.utils, "_tracking_uri", None)
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    old_registry = getattr(_model_registry.utils, "_registry_uri", None)
+    old_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         yield mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     finally:
         mlflow.set_tracking_uri(old_uri)
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
+        mlflow.set_registry_uri(old_registry)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def log_model(
