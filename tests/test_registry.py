@@ -1,22 +1,33 @@
-"""The model registry: log a run's model as a pyfunc model, register it, move the champion alias, load it back;
+"""The model registry: log a run's model as a pyfunc model, register it, move the champion alias, load it back,
+in the embedded SQLite store and against an MLflow server started as the compose stack starts it;
 and evaluate's frozen-embedding baseline (same in-process demo run)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
 from helical_workflow import data, evaluate, modeling, registry, runs, train
 from helical_workflow import model as model_mod
 from helical_workflow import tokenize as tok
 from helical_workflow.params import load_params
 
-from .conftest import demo_params
+from .conftest import ROOT, demo_params, free_port
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +212,171 @@ def test_missing_models_and_aliases_fail_with_a_fix(trained, logged):
     with pytest.raises(ValueError, match="not a registered-model reference"):
         registry.load("demo-nochamp@champion", trained.uri)
     assert registry.parse_model_ref("models:/demo/3") == ("demo", "3", None)
+
+
+# ------------------------------------------------------- the compose stack's MLflow server ---
+
+COMPOSE = ROOT / "compose"
+
+
+def _compose_mlflow_command() -> list[str]:
+    return [
+        str(a) for a in yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]["mlflow"]["command"]
+    ]
+
+
+def test_the_compose_mlflow_server_is_the_kernels_mlflow():
+    """Clients (notebooks, the kernel image) run the kernel environment's MLflow: the server is the same release,
+    serves artifacts (clients upload over HTTP, never to a path of their own) and accepts compose's host name."""
+    from importlib.metadata import version
+
+    image = re.search(r"^FROM ghcr\.io/mlflow/mlflow:v(\S+)", (COMPOSE / "mlflow.Dockerfile").read_text(), re.M)
+    assert image and image.group(1) == version("mlflow"), "compose/mlflow.Dockerfile: use the kernel.lock release"
+    cmd = _compose_mlflow_command()
+    assert cmd[:2] == ["mlflow", "server"] and "--serve-artifacts" in cmd
+    assert "--artifacts-destination=/mlartifacts" in cmd and not any(
+        a.startswith("--default-artifact-root") for a in cmd
+    )
+    hosts = next(a for a in cmd if a.startswith("--allowed-hosts=")).removeprefix("--allowed-hosts=").split(",")
+    assert "mlflow:5000" in hosts  # MLFLOW_TRACKING_URI=http://mlflow:5000 in the stack
+
+
+def _http(url: str, host: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` started with the compose service's command line: a SQLite backend store in tmp
+    instead of Postgres, artifacts served from a tmp folder, on a free local port."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    replace = {
+        "--host": "127.0.0.1",
+        "--port": str(port),
+        "--backend-store-uri": f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination": str(root / "mlartifacts"),
+    }
+    cmd = _compose_mlflow_command()
+    for i, arg in enumerate(cmd):
+        flag = arg.partition("=")[0]
+        if flag in replace:
+            cmd[i] = f"{flag}={replace.pop(flag)}"
+    assert not replace, f"the compose mlflow command lacks {sorted(replace)}"
+    cmd[0] = str(Path(sys.executable).parent / "mlflow")  # the kernel environment's
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    log = root / "server.log"
+    with open(log, "w") as out:  # its own process group: the server's workers and job runners go down with it
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if _http(f"{url}/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, f"mlflow server exited {proc.returncode}: {log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"mlflow server not healthy after 180 s: {log.read_text()[-3000:]}"
+            time.sleep(1)
+        yield SimpleNamespace(url=url, port=port, root=root, artifacts=root / "mlartifacts", log=log)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                break
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group outlived the server
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_the_registry_works_the_same_against_the_compose_mlflow_server(trained, mlflow_server, tmp_path, monkeypatch):
+    """log_model, register (champion, if_better), load by alias: over HTTP, artifacts uploaded to and downloaded
+    from the server, as in the compose stack. The tracking URI is the argument, whatever the environment says."""
+    import mlflow
+    import pandas as pd
+
+    url = mlflow_server.url
+    decoy = tmp_path / "decoy.db"  # an environment pointing elsewhere must not be used
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{decoy}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{decoy}")
+    client_cwd = tmp_path / "cwd"  # nothing may be written relative to the client's working directory
+    client_cwd.mkdir()
+    monkeypatch.chdir(client_cwd)
+
+    # the run's MLflow run on the server, created as the workflow creates it (a copy: the fixture's run stays)
+    params = trained.params.model_copy(
+        update={"tracking": trained.params.tracking.model_copy(update={"mlflow_tracking_uri": url})}
+    )
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir, symlinks=True)
+    run = runs.Run(params, run_dir)
+    server_run_id = run.mlflow.id
+    run.mlflow.log_artifacts(run_dir / "model", "model")
+    assert not runs.read_manifest(run_dir).get("warnings")
+    client = mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
+    exp = client.get_experiment_by_name(params.experiment)
+    assert exp.artifact_location.startswith("mlflow-artifacts:"), exp.artifact_location
+
+    model_uri = registry.log_model(
+        params, run_dir / "model", mlflow_run_id=server_run_id, tracking_uri=url, validation=trained.info["validation"]
+    )
+    assert model_uri.startswith("models:/")
+    value = trained.info["validation"]["macro_f1"]
+    first = registry.register(
+        params, model_uri=model_uri, metric="val_macro_f1", value=value, promote="if_better", tracking_uri=url
+    )
+    assert first["version"] == "1" and first["promoted"] and "becomes champion" in first["reason"]
+
+    # a second, worse model (another run) does not move the alias under if_better
+    worse_run = client.create_run(exp.experiment_id, run_name="worse").info.run_id
+    worse_uri = registry.log_model(
+        params, run_dir / "model", mlflow_run_id=worse_run, tracking_uri=url, validation={"macro_f1": value - 0.25}
+    )
+    assert worse_uri != model_uri
+    second = registry.register(
+        params, model_uri=worse_uri, metric="val_macro_f1", value=value - 0.25, promote="if_better", tracking_uri=url
+    )
+    assert second["version"] == "2" and not second["promoted"]
+    assert second["champion_version_before"] == "1" and second["champion_value_before"] == value
+    assert client.get_registered_model(params.experiment).aliases == {"champion": "1"}
+    assert client.get_model_version(params.experiment, "2").run_id == worse_run
+
+    folder = registry.load(f"models:/{params.experiment}@champion", url, tmp_path / "champion")
+    record = json.loads((folder / "registered.json").read_text())
+    assert record["version"] == "1" and record["run_id"] == server_run_id and record["tracking_uri"] == url
+
+    # the test split: the run's own model/ and the champion loaded from the server give the same logits
+    store = modeling.TokenStore(tok.load_tokenized(trained.run_dir))
+    idx = store.indices("test")
+    model, labels = modeling.load_trained(trained.params, trained.run_dir, batch_size=16, device="cpu")
+    expected, _ = modeling.predict(
+        model, store, idx, batch_size=16, device="cpu", precision="fp32", pad_id=model.pad_token_id
+    )
+    logits = registry.predict_logits(folder, [store.get(int(i)) for i in idx], device="cpu", batch_size=16)
+    assert np.array_equal(logits, expected)
+    with registry._tracking_at(url):  # and as an MLflow pyfunc model
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{params.experiment}@champion")
+    out = pyfunc.predict(pd.DataFrame({"input_ids": [store.get(int(i)).tolist() for i in idx]}))
+    assert np.array_equal(out, expected.astype(np.float32))
+    by_version = registry.load(f"models:/{params.experiment}/2", url)
+    assert json.loads((by_version / "registered.json").read_text())["version"] == "2"
+
+    # everything went over HTTP to the server's store and its served artifacts, nothing to local paths
+    assert not decoy.exists() and list(client_cwd.iterdir()) == []
+    served = {p.name for p in mlflow_server.artifacts.rglob("*") if p.is_file()}
+    assert {"fine_tuned.pt", "workflow.json", "MLmodel"} <= served
+    # compose's clients reach the server as mlflow:5000: that Host header is accepted
+    status, body = _http(f"{url}/api/2.0/mlflow/registered-models/get?name={params.experiment}", host="mlflow:5000")
+    assert status == 200 and json.loads(body)["registered_model"]["aliases"][0]["version"] == "1", body
