@@ -92,13 +92,13 @@ dag = bag.dags["helical_gpu"]
 out = {}
 for t in dag.tasks:
     kind = type(t).__name__
-    d = {"kind": kind}
+    d = {"kind": kind, "links": [link.name for link in t.operator_extra_links]}
     if kind == "DockerStageOperator":
         d.update(image=t.image, command=t.command, mem_limit=t.mem_limit, cpus=t.cpus, auto_remove=t.auto_remove,
                  name=t.container_name, user=t.user, env=t.environment,
                  mounts=[(m["Target"], m["ReadOnly"]) for m in t.mounts],
                  gpus=[r["Count"] for r in (t.device_requests or [])], pool=t.pool)
-    elif kind == "KubernetesPodOperator":
+    elif kind == "KubernetesStageOperator":
         pod = t.build_pod_request_obj()
         c = pod.spec.containers[0]
         d.update(limits=c.resources.limits, node_selector=pod.spec.node_selector,
@@ -154,7 +154,7 @@ def test_docker_and_kubernetes_launchers_from_profiles(tmp_path, model_cache, wo
     assert ft["auto_remove"] == "force" and ft["user"] == "1000"
     assert "ti.try_number" in ft["name"] and "ti.map_index" in ft["name"]
     ev = tasks["evaluate"]
-    assert ev["kind"] == "KubernetesPodOperator" and ev["pool"] == "gpu"
+    assert ev["kind"] == "KubernetesStageOperator" and ev["pool"] == "gpu"
     assert ev["limits"] == {"memory": "64Gi", "cpu": "8", "nvidia.com/gpu": "1"}
     assert ev["node_selector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert ev["tolerations"][0]["key"] == "nvidia.com/gpu" and ev["tolerations"][0]["effect"] == "NoSchedule"
@@ -162,3 +162,5 @@ def test_docker_and_kubernetes_launchers_from_profiles(tmp_path, model_cache, wo
     # the same image, command and params as the docker launcher
     assert ev["cmds"] == ["helical-workflow"] and ev["args"] == ["stage", "evaluate", "{{ run_id }}"]
     assert ev["image"] == ft["image"] and ev["env"]["HELICAL_PARAMS"] == ft["env"]["HELICAL_PARAMS"]
+    # every launcher's task has the stage links (tests/test_links.py follows them)
+    assert all(t["links"] == ["Report", "MLflow run"] for t in tasks.values())

@@ -7,7 +7,11 @@ each task follows the launcher of the stage's resource profile (:mod:`helical_wo
 
 * ``local``: :class:`StageOperator` (papermill here, through :func:`launchers.run_stage`);
 * ``docker``: :class:`DockerStageOperator`, the kernel image through the Docker API;
-* ``kubernetes``: ``KubernetesPodOperator`` with the same image, command and resources.
+* ``kubernetes``: :class:`KubernetesStageOperator` (a ``KubernetesPodOperator``), the same image,
+  command and resources.
+
+Every stage task has the extra links "Report" and "MLflow run" (:mod:`helical_workflow.links`),
+computed from the params file, the stage and the run id whatever the launcher.
 
 An invalid params file still gets its DAG, so the problem is visible in the UI (in the
 DAG's docs); a run of it fails in the first task, at validation, before any compute.
@@ -15,26 +19,57 @@ DAG's docs); a run of it fails in the first task, at validation, before any comp
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 from airflow.providers.papermill.operators.papermill import PapermillOperator
-from airflow.sdk import DAG
+from airflow.sdk import DAG, BaseOperatorLink
 
 try:
     from airflow.providers.docker.operators.docker import DockerOperator
 except ImportError:  # the docker provider is optional for local-only installs
     DockerOperator = None
 
-from . import launchers, stages
+from . import launchers, links, stages
 from .params import TRIGGER_FIELDS, Params, ParamsError, flatten_overrides, load_params, trigger_form
 from .stages import Shard, Stage
 
 PARAMS_DIR_ENV = "HELICAL_WORKFLOW_PARAMS_DIR"
+
+
+class _StageLink(BaseOperatorLink):
+    """An extra link of a stage task, computed in the worker when the task ends (:mod:`helical_workflow.links`).
+
+    The operator carries ``params_path`` and ``stage``; ``ti_key`` the run id and map index (shard or trial).
+    """
+
+    url: Callable[[Params, str, str, int], str]  # params, stage, run id, map index -> URL ("" for none)
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        params_path, stage = getattr(operator, "params_path", None), getattr(operator, "stage", None)
+        if not params_path or not stage:
+            return ""
+        params = load_params(params_path, check_files=False)
+        return self.url(params, stage, ti_key.run_id, getattr(ti_key, "map_index", -1))
+
+
+class ReportLink(_StageLink):
+    name = "Report"
+    url = staticmethod(links.report_url)
+
+
+class MlflowRunLink(_StageLink):
+    name = "MLflow run"
+    url = staticmethod(links.mlflow_url)
+
+
+STAGE_LINKS: tuple[BaseOperatorLink, ...] = (ReportLink(), MlflowRunLink())
 
 
 class StageOperator(PapermillOperator):
@@ -42,6 +77,7 @@ class StageOperator(PapermillOperator):
 
     template_fields = (*PapermillOperator.template_fields, "params_path")
     ui_color = "#d7ecff"
+    operator_extra_links = STAGE_LINKS
 
     def __init__(self, *, params_path: str, stage: str, shard: str | None = None, **kwargs: Any) -> None:
         super().__init__(
@@ -90,7 +126,15 @@ class DockerStageOperator(DockerOperator if DockerOperator is not None else obje
     """A stage in the kernel image through the Docker API (Docker Engine, a socket proxy, or Podman).
 
     A unique container name per run, task, map index and try; removed whatever the outcome.
+    ``params_path`` and ``stage`` are for the extra links (the container gets its params in its environment).
     """
+
+    operator_extra_links = STAGE_LINKS
+
+    def __init__(self, *, params_path: str, stage: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.params_path = params_path
+        self.stage = stage
 
     def execute(self, context: Any) -> Any:
         from docker.errors import APIError, DockerException
@@ -107,6 +151,32 @@ class DockerStageOperator(DockerOperator if DockerOperator is not None else obje
                     )
                 ) from None
             raise
+
+
+@functools.cache
+def _kubernetes_stage_operator() -> type:
+    """:class:`KubernetesStageOperator`, built on first use (the cncf-kubernetes provider takes seconds to import)."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    class KubernetesStageOperator(KubernetesPodOperator):
+        """A stage in the kernel image in a Kubernetes pod; ``params_path`` and ``stage`` are for the extra links."""
+
+        operator_extra_links = STAGE_LINKS
+
+        def __init__(self, *, params_path: str, stage: str, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.params_path = params_path
+            self.stage = stage
+
+    KubernetesStageOperator.__module__ = __name__
+    KubernetesStageOperator.__qualname__ = "KubernetesStageOperator"
+    return KubernetesStageOperator
+
+
+def __getattr__(name: str) -> Any:  # `from helical_workflow.dag_factory import KubernetesStageOperator`
+    if name == "KubernetesStageOperator":
+        return _kubernetes_stage_operator()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 CONTAINER_NAME = (
@@ -129,6 +199,7 @@ def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str,
         if launcher == "docker":
             cls, field = DockerStageOperator, "command"
             kw = {k: v for k, v in specs[0].docker_kwargs().items() if k != "command"}
+            kw.update(params_path=str(path), stage=stage.name)
             kw.update(
                 container_name=CONTAINER_NAME,
                 docker_url=launchers.docker_url(),
@@ -137,12 +208,12 @@ def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str,
                 mount_tmp_dir=False,
             )
         else:
-            from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-
-            cls, field = KubernetesPodOperator, "arguments"
+            cls, field = _kubernetes_stage_operator(), "arguments"
             kw = {k: v for k, v in specs[0].pod_kwargs().items() if k != "arguments"}
             profile = params.profile_for(stage.name)
             kw.update(
+                params_path=str(path),
+                stage=stage.name,
                 name=f"hw-{stage.name.replace('_', '-')}",
                 namespace=os.environ.get("HELICAL_K8S_NAMESPACE", "default"),
                 node_selector=dict(profile.node_selector) or None,

@@ -1,0 +1,150 @@
+"""Where a stage task's "Report" and "MLflow run" links (Airflow operator extra links) point.
+
+The link classes are in :mod:`helical_workflow.dag_factory`; Airflow 3 calls them in the worker,
+right after the task ends (success or failure), and stores each URL as an XCom
+(``_link_ReportLink``, ``_link_MlflowRunLink``). The serialized DAG records only each link's name
+and XCom key, so the API server and the UI read the URLs back from XCom without importing this
+project (no plugin needed: Airflow 3.3's ``XComOperatorLink``).
+
+Where the URLs come from (the run folder is deterministic: ``outputs/<experiment>/<run id>/``,
+whatever the launcher):
+
+* **Report**: the stage's HTML report ``reports/NN_<stage>[.<shard>].html``. With
+  ``$HELICAL_REPORT_BASE_URL`` (a server of the outputs folder, e.g. ``make lab``'s
+  ``http://127.0.0.1:8888/files/outputs``) the URL is that base plus the report's path under the
+  outputs folder; without it, the report's ``file://`` URL (a browser will not follow a
+  ``file://`` link from a web page: copy it, or set the base URL). No link when the run folder is
+  visible here and the stage left no report (it failed before its notebook ran).
+* **MLflow run**: ``<ui>/#/experiments/<experiment id>/runs/<run id>``, ids from the run's
+  ``run.json`` (a sweep trial's own child run from ``trials/<k>/run.json``). ``<ui>`` is
+  ``$HELICAL_MLFLOW_UI_URL`` if set, else the tracking URI when it is an MLflow server
+  (``http(s)://``). A local store (``sqlite:///``, a folder) has no UI of its own: no link unless
+  ``$HELICAL_MLFLOW_UI_URL`` says where ``mlflow ui`` serves it. When the worker cannot read the
+  run folder (a Kubernetes pod writing to a volume the worker does not mount), the run is looked
+  up on the tracking server by its name (the run folder's).
+
+Light (the stage table, urllib; no Airflow, no MLflow client). A link that cannot be computed is
+empty (the UI shows it disabled); computing it never fails the task (Airflow logs the error).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import stages
+from .runs import MANIFEST, run_dir_for, safe_run_id
+
+if TYPE_CHECKING:
+    from .params import Params
+    from .stages import Shard, Stage
+
+log = logging.getLogger(__name__)
+
+REPORT_BASE_ENV = "HELICAL_REPORT_BASE_URL"
+MLFLOW_UI_ENV = "HELICAL_MLFLOW_UI_URL"
+LOOKUP_TIMEOUT_S = 5.0
+
+
+def _shard(stage: "Stage", params: "Params", map_index: int) -> "Shard | None":
+    """The shard (or trial) of a task instance: mapped tasks follow the stage's shards in order."""
+    shards = stage.shards(params)
+    return shards[map_index] if 0 <= map_index < len(shards) else shards[0]
+
+
+def report_path(params: "Params", stage: str, run_id: str, map_index: int = -1) -> Path:
+    """The HTML report of one stage task: ``<run folder>/reports/NN_<stage>[.<shard>].html``."""
+    st = stages.get(stage)
+    nb = st.notebook_name(_shard(st, params, map_index))
+    return run_dir_for(params.outputs_path, params.experiment, run_id) / "reports" / Path(nb).with_suffix(".html")
+
+
+def report_url(params: "Params", stage: str, run_id: str, map_index: int = -1) -> str:
+    path = report_path(params, stage, run_id, map_index)
+    run_dir = path.parent.parent
+    if run_dir.is_dir() and not path.is_file():
+        return ""  # the run folder is here and the stage left no report
+    base = os.environ.get(REPORT_BASE_ENV, "").strip()
+    if base:
+        rel = path.relative_to(params.outputs_path)
+        return f"{base.rstrip('/')}/" + "/".join(urllib.parse.quote(p) for p in rel.parts)
+    return path.as_uri() if path.is_file() else ""
+
+
+def _ui_base(tracking_uri: str | None) -> str:
+    base = os.environ.get(MLFLOW_UI_ENV, "").strip()
+    if not base and tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        base = tracking_uri
+    return base.rstrip("/")
+
+
+def _recorded_run(params: "Params", stage: str, run_id: str, map_index: int) -> dict[str, Any] | None:
+    """``{"run_id", "experiment_id", "tracking_uri"}`` from run.json (a trial's own child run first)."""
+    st = stages.get(stage)
+    run_dir = run_dir_for(params.outputs_path, params.experiment, run_id)
+    shard = _shard(st, params, map_index)
+    folders = [run_dir]
+    if shard is not None and shard.kind == "trial":
+        folders.insert(0, run_dir / "trials" / str(shard.i))
+    for d in folders:
+        try:
+            known = json.loads((d / MANIFEST).read_text()).get("mlflow") or {}
+        except (OSError, ValueError):
+            continue
+        if known.get("run_id") and known.get("experiment_id") is not None:
+            return known
+    return None
+
+
+def _rest(base: str, endpoint: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    url = f"{base.rstrip('/')}/api/2.0/mlflow/{endpoint}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=LOOKUP_TIMEOUT_S) as r:
+        return json.load(r)
+
+
+def find_mlflow_run(params: "Params", stage: str, run_id: str, map_index: int = -1) -> dict[str, Any] | None:
+    """The workflow run's MLflow run on a tracking server, found by its name (when run.json is out of reach).
+
+    The run is named after its run folder (a trial's child run ``<folder>/trial-<k>``), latest first.
+    """
+    from .tracking import tracking_uri
+
+    uri = tracking_uri(params)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    shard = _shard(stages.get(stage), params, map_index)
+    name = safe_run_id(run_id) + (f"/trial-{shard.i}" if shard is not None and shard.kind == "trial" else "")
+    query = urllib.parse.urlencode({"experiment_name": params.experiment})
+    try:
+        exp_id = _rest(uri, f"experiments/get-by-name?{query}")["experiment"]["experiment_id"]
+        found = _rest(
+            uri,
+            "runs/search",
+            {
+                "experiment_ids": [exp_id],
+                "filter": f"attributes.run_name = '{name}'",  # safe_run_id: no quotes
+                "order_by": ["attributes.start_time DESC"],
+                "max_results": 1,
+            },
+        ).get("runs", [])
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("MLflow run of %s not found at %s: %s", run_id, uri, e)
+        return None
+    if not found:
+        return None
+    return {"run_id": found[0]["info"]["run_id"], "experiment_id": exp_id, "tracking_uri": uri}
+
+
+def mlflow_url(params: "Params", stage: str, run_id: str, map_index: int = -1) -> str:
+    known = _recorded_run(params, stage, run_id, map_index) or find_mlflow_run(params, stage, run_id, map_index)
+    base = _ui_base(known.get("tracking_uri")) if known else ""
+    if not base:
+        return ""
+    return f"{base}/#/experiments/{known['experiment_id']}/runs/{known['run_id']}"
