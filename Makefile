@@ -14,6 +14,7 @@ DEMO_DATA   := data/pbmc68k_reduced_counts.h5ad
 export JUPYTER_PATH := $(VENV)/jupyter/share/jupyter
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HELICAL_WORKFLOW_HOME := $(CURDIR)
 export PYTHONDONTWRITEBYTECODE := 1

@@ -2,7 +2,8 @@
 
 The URL rules, on run folders made here; then the real thing: a stage runs through `airflow dags test`
 against a real MLflow server, and the real Airflow REST API (`airflow api-server`, simple auth manager)
-serves the links the worker stored, pointing at the report file and the MLflow run that exist.
+serves the links the worker stored, pointing at the MLflow run and at the report, which the API server
+itself serves (plugins/helical_workflow_reports.py) to a logged-in user.
 """
 
 from __future__ import annotations
@@ -31,32 +32,44 @@ RUN_DIR = "manual__2026-01-01T00_00_00_00_00"
 
 @pytest.fixture
 def link_env(monkeypatch):
-    for k in (links.REPORT_BASE_ENV, links.MLFLOW_UI_ENV, "MLFLOW_TRACKING_URI"):
+    for k in (links.REPORT_BASE_ENV, links.MLFLOW_UI_ENV, "MLFLOW_TRACKING_URI", "AIRFLOW__API__BASE_URL"):
         monkeypatch.delenv(k, raising=False)
     return monkeypatch
 
 
 def test_report_link_is_the_stage_tasks_own_html_report(tmp_path, model_cache, workflow_env, link_env):
-    params = load_params(demo_params(tmp_path, model_cache=model_cache, tokenize__shards=2), check_files=False)
+    params_file = demo_params(tmp_path, model_cache=model_cache, tokenize__shards=2)
+    params = load_params(params_file, check_files=False)
     run_dir = tmp_path / "outputs" / "demo" / RUN_DIR
-    assert links.report_url(params, "load", RUN_ID) == ""  # no run folder, no base URL: nothing to point at
+    assert links.report_url(params, "load", RUN_ID, -1, "helical_demo") == ""  # no run folder: nothing to point at
     reports = run_dir / "reports"
     reports.mkdir(parents=True)
     for name in ("01_load.html", "02_tokenize.shard-00001-of-00002.html"):
         (reports / name).write_text("<html></html>")
-    assert links.report_url(params, "load", RUN_ID) == (reports / "01_load.html").as_uri()
+    # in Airflow: the API server's copy (plugins/), on the UI's own origin
+    served = "/helical-workflow/reports/helical_demo/manual__2026-01-01T00%3A00%3A00%2B00%3A00/load"
+    assert links.report_url(params, "load", RUN_ID, -1, "helical_demo") == served
+    assert links.served_report(params_file, RUN_ID, "load") == reports / "01_load.html"
     # a mapped task's map index is its shard
-    assert links.report_url(params, "tokenize", RUN_ID, 1).endswith("/reports/02_tokenize.shard-00001-of-00002.html")
-    assert links.report_url(params, "tokenize", RUN_ID, 0) == ""  # the run folder is here, that report is not
+    assert links.report_url(params, "tokenize", RUN_ID, 1, "helical_demo").endswith("/tokenize?map_index=1")
+    assert links.served_report(params_file, RUN_ID, "tokenize", 1) == reports / "02_tokenize.shard-00001-of-00002.html"
+    assert links.report_url(params, "tokenize", RUN_ID, 0, "helical_demo") == ""  # the run folder is here, not it
+    for stage, index in (("tokenize", 0), ("tokenize", 2), ("evaluate", -1), ("../reports", -1)):
+        assert links.served_report(params_file, RUN_ID, stage, index) is None
+    link_env.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example/af/")
+    assert links.report_url(params, "load", RUN_ID, -1, "helical_demo") == "https://airflow.example/af" + served
+    assert links.report_url(params, "load", RUN_ID) == (reports / "01_load.html").as_uri()  # outside Airflow
     link_env.setenv(links.REPORT_BASE_ENV, "http://reports.example/outputs/")
-    assert (
-        links.report_url(params, "load", RUN_ID)
-        == f"http://reports.example/outputs/demo/{RUN_DIR}/reports/01_load.html"
-    )
+    expected = f"http://reports.example/outputs/demo/{RUN_DIR}/reports/01_load.html"
+    assert links.report_url(params, "load", RUN_ID, -1, "helical_demo") == expected
     # a run folder out of reach (a pod on a volume the worker does not mount): the base URL and the known path
     link_env.setenv("HELICAL_WORKFLOW_OUTPUTS", str(tmp_path / "elsewhere"))
-    far = load_params(demo_params(tmp_path, model_cache=model_cache), check_files=False)
-    assert links.report_url(far, "fine_tune", RUN_ID).endswith(f"/demo/{RUN_DIR}/reports/03_fine_tune.html")
+    far = load_params(params_file, check_files=False)
+    assert links.report_url(far, "fine_tune", RUN_ID, -1, "helical_demo").endswith(
+        f"/demo/{RUN_DIR}/reports/03_fine_tune.html"
+    )
+    link_env.delenv(links.REPORT_BASE_ENV)
+    assert links.report_url(far, "fine_tune", RUN_ID, -1, "helical_demo") == ""
 
 
 def test_mlflow_link_needs_a_ui(tmp_path, model_cache, workflow_env, link_env):
@@ -246,7 +259,17 @@ def test_the_airflow_api_serves_a_stage_tasks_report_and_mlflow_links(tmp_path, 
         status, got = _http(f"{api}/api/v2/dags/helical_demo/dagRuns/{quoted}/taskInstances/load/links", token=token)
         assert status == 200, got
         mlflow_link = f"{ml_url}/#/experiments/{known['experiment_id']}/runs/{known['run_id']}"
-        assert got["extra_links"] == {"MLflow run": mlflow_link, "Report": report.as_uri()}
+        report_link = f"/helical-workflow/reports/helical_demo/{quoted}/load"  # on the UI's own origin
+        assert got["extra_links"] == {"MLflow run": mlflow_link, "Report": report_link}
+        # the API server serves that report (plugins/), to a logged-in user with access to the DAG, sandboxed
+        with urllib.request.urlopen(
+            urllib.request.Request(api + report_link, headers={"Authorization": f"Bearer {token}"}), timeout=15
+        ) as resp:
+            assert resp.headers["Content-Type"].startswith("text/html")
+            assert resp.headers["Content-Security-Policy"].startswith("sandbox")
+            assert resp.read() == report.read_bytes()
+        assert _http(api + report_link)[0] == 401
+        assert _http(api + report_link.replace("/load", "/evaluate"), token=token)[0] == 404
         # a task marked successful without running has no links, and says so rather than pointing anywhere
         status, got = _http(f"{api}/api/v2/dags/helical_demo/dagRuns/{quoted}/taskInstances/compare/links", token=token)
         assert status == 200 and got["extra_links"] == {"MLflow run": None, "Report": None}
@@ -258,7 +281,7 @@ def test_the_airflow_api_serves_a_stage_tasks_report_and_mlflow_links(tmp_path, 
         assert other_links["load"] == {
             "kind": "KubernetesStageOperator",
             "served": ["MLflow run", "Report"],
-            "Report": report.as_uri(),
+            "Report": f"/helical-workflow/reports/helical_elsewhere/{quoted}/load",
             "MLflow run": mlflow_link,
         }
         assert other_links["tokenize"]["kind"] == "DockerStageOperator"

@@ -41,6 +41,7 @@ from .params import TRIGGER_FIELDS, Params, ParamsError, flatten_overrides, load
 from .stages import Shard, Stage
 
 PARAMS_DIR_ENV = "HELICAL_WORKFLOW_PARAMS_DIR"
+DAG_ID_PREFIX = "helical_"  # DAG id: the prefix and the params file's stem
 
 
 class _StageLink(BaseOperatorLink):
@@ -49,14 +50,14 @@ class _StageLink(BaseOperatorLink):
     The operator carries ``params_path`` and ``stage``; ``ti_key`` the run id and map index (shard or trial).
     """
 
-    url: Callable[[Params, str, str, int], str]  # params, stage, run id, map index -> URL ("" for none)
+    url: Callable[[Params, str, str, int, str], str]  # params, stage, run id, map index, DAG id -> URL ("" for none)
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
         params_path, stage = getattr(operator, "params_path", None), getattr(operator, "stage", None)
         if not params_path or not stage:
             return ""
         params = load_params(params_path, check_files=False)
-        return self.url(params, stage, ti_key.run_id, getattr(ti_key, "map_index", -1))
+        return self.url(params, stage, ti_key.run_id, getattr(ti_key, "map_index", -1), ti_key.dag_id)
 
 
 class ReportLink(_StageLink):
@@ -307,7 +308,7 @@ def build_dag(path: Path) -> DAG | None:
     d = params.dag if params and params.dag else None
     start = d.start_date if d else datetime(2026, 1, 1).date()
     dag = DAG(
-        dag_id=f"helical_{path.stem}",
+        dag_id=f"{DAG_ID_PREFIX}{path.stem}",
         description=(params.description if params else "invalid params file")[:200] or None,
         schedule=(d.schedule if d else None),
         start_date=datetime(start.year, start.month, start.day),
@@ -350,6 +351,14 @@ def _after_trials(stage: Stage) -> bool:
 def params_dir_default() -> Path:
     env = os.environ.get(PARAMS_DIR_ENV)
     return Path(env) if env else launchers.project_root() / "params"
+
+
+def params_file(dag_id: str) -> Path | None:
+    """The params file a workflow DAG was built from (None for another DAG)."""
+    if not dag_id.startswith(DAG_ID_PREFIX):
+        return None
+    path = params_dir_default() / f"{dag_id.removeprefix(DAG_ID_PREFIX)}.yaml"
+    return path if path.is_file() and path.name != "profiles.yaml" else None
 
 
 def build_dags(params_dir: Path | None = None) -> dict[str, DAG]:

@@ -4,17 +4,18 @@ The link classes are in :mod:`helical_workflow.dag_factory`; Airflow 3 calls the
 right after the task ends (success or failure), and stores each URL as an XCom
 (``_link_ReportLink``, ``_link_MlflowRunLink``). The serialized DAG records only each link's name
 and XCom key, so the API server and the UI read the URLs back from XCom without importing this
-project (no plugin needed: Airflow 3.3's ``XComOperatorLink``).
+project (Airflow 3.3's ``XComOperatorLink``): the links need no plugin. A plugin serves the reports.
 
 Where the URLs come from (the run folder is deterministic: ``outputs/<experiment>/<run id>/``,
 whatever the launcher):
 
-* **Report**: the stage's HTML report ``reports/NN_<stage>[.<shard>].html``. With
-  ``$HELICAL_REPORT_BASE_URL`` (a server of the outputs folder, e.g. ``make lab``'s
-  ``http://127.0.0.1:8888/files/outputs``) the URL is that base plus the report's path under the
-  outputs folder; without it, the report's ``file://`` URL (a browser will not follow a
-  ``file://`` link from a web page: copy it, or set the base URL). No link when the run folder is
-  visible here and the stage left no report (it failed before its notebook ran).
+* **Report**: the stage's HTML report ``reports/NN_<stage>[.<shard>].html``, served by the Airflow API
+  server itself (``plugins/helical_workflow_reports.py``: ``/helical-workflow/reports/<dag>/<run>/<task>``,
+  same login and DAG permissions as the UI; the UI shows only http(s) or same-origin links, never
+  ``file://``). With ``$HELICAL_REPORT_BASE_URL`` (another server of the outputs folder, e.g.
+  ``make lab``'s ``http://127.0.0.1:8888/files/outputs``) the URL is that base plus the report's path
+  under the outputs folder. No link when the stage left no report (it failed before its notebook
+  ran), or when the worker cannot see the run folder and no base URL is set.
 * **MLflow run**: ``<ui>/#/experiments/<experiment id>/runs/<run id>``, ids from the run's
   ``run.json`` (a sweep trial's own child run from ``trials/<k>/run.json``). ``<ui>`` is
   ``$HELICAL_MLFLOW_UI_URL`` if set, else the tracking URI when it is an MLflow server
@@ -24,7 +25,8 @@ whatever the launcher):
   up on the tracking server by its name (the run folder's).
 
 Light (the stage table, urllib; no Airflow, no MLflow client). A link that cannot be computed is
-empty (the UI shows it disabled); computing it never fails the task (Airflow logs the error).
+empty (the API answers null, the UI leaves the button out); computing it never fails the task
+(Airflow logs the error).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 REPORT_BASE_ENV = "HELICAL_REPORT_BASE_URL"
 MLFLOW_UI_ENV = "HELICAL_MLFLOW_UI_URL"
 LOOKUP_TIMEOUT_S = 5.0
+REPORTS_PREFIX = "/helical-workflow/reports"  # the API server's route to the reports (plugins/)
 
 
 def _shard(stage: "Stage", params: "Params", map_index: int) -> "Shard | None":
@@ -64,7 +67,9 @@ def report_path(params: "Params", stage: str, run_id: str, map_index: int = -1) 
     return run_dir_for(params.outputs_path, params.experiment, run_id) / "reports" / Path(nb).with_suffix(".html")
 
 
-def report_url(params: "Params", stage: str, run_id: str, map_index: int = -1) -> str:
+def report_url(params: "Params", stage: str, run_id: str, map_index: int = -1, dag_id: str | None = None) -> str:
+    """The Report link: ``$HELICAL_REPORT_BASE_URL`` + the report's path under the outputs folder; else, for a
+    DAG's task, the Airflow API server's own copy (:func:`served_report_url`); else the report's ``file://`` URL."""
     path = report_path(params, stage, run_id, map_index)
     run_dir = path.parent.parent
     if run_dir.is_dir() and not path.is_file():
@@ -73,7 +78,32 @@ def report_url(params: "Params", stage: str, run_id: str, map_index: int = -1) -
     if base:
         rel = path.relative_to(params.outputs_path)
         return f"{base.rstrip('/')}/" + "/".join(urllib.parse.quote(p) for p in rel.parts)
-    return path.as_uri() if path.is_file() else ""
+    if not path.is_file():
+        return ""  # out of reach here, and no server of the outputs folder to point at
+    return served_report_url(dag_id, run_id, stage, map_index) if dag_id else path.as_uri()
+
+
+def served_report_url(dag_id: str, run_id: str, stage: str, map_index: int = -1) -> str:
+    """Where the Airflow API server serves a task's report (``plugins/helical_workflow_reports.py``): relative to
+    the UI's origin, or under ``$AIRFLOW__API__BASE_URL`` when Airflow is served elsewhere."""
+    base = os.environ.get("AIRFLOW__API__BASE_URL", "").strip().rstrip("/")
+    parts = "/".join(urllib.parse.quote(p, safe="") for p in (dag_id, run_id, stage))
+    return f"{base}{REPORTS_PREFIX}/{parts}" + (f"?map_index={map_index}" if map_index >= 0 else "")
+
+
+def served_report(params_file: Path, run_id: str, stage: str, map_index: int = -1) -> Path | None:
+    """The report file the API server sends for a task (None when there is none): computed from the DAG's params
+    file, the run id and the stage, never from a path in the request."""
+    from .params import load_params
+
+    if stage not in stages.names():
+        return None
+    params = load_params(params_file, check_files=False)
+    shards = stages.get(stage).shards(params)
+    if not (map_index == -1 or 0 <= map_index < len(shards)):
+        return None
+    path = report_path(params, stage, run_id, map_index)
+    return path if path.is_file() else None
 
 
 def _ui_base(tracking_uri: str | None) -> str:
@@ -142,7 +172,7 @@ def find_mlflow_run(params: "Params", stage: str, run_id: str, map_index: int = 
     return {"run_id": found[0]["info"]["run_id"], "experiment_id": exp_id, "tracking_uri": uri}
 
 
-def mlflow_url(params: "Params", stage: str, run_id: str, map_index: int = -1) -> str:
+def mlflow_url(params: "Params", stage: str, run_id: str, map_index: int = -1, dag_id: str | None = None) -> str:
     known = _recorded_run(params, stage, run_id, map_index) or find_mlflow_run(params, stage, run_id, map_index)
     base = _ui_base(known.get("tracking_uri")) if known else ""
     if not base:
