@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -67,8 +68,23 @@ def test_the_real_params_folder_gives_demo_and_yolksac_dags(airflow_env):
     env = {**airflow_env, "HELICAL_WORKFLOW_PARAMS_DIR": str(ROOT / "params")}
     r = run([AIRFLOW_BIN / "python", "-c", PARSE, ROOT / "dags"], env=env)
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out["dags"]) == {"helical_demo", "helical_demo_sweep", "helical_yolksac_geneformer"}
+    assert set(out["dags"]) == {"helical_demo", "helical_demo_sweep", "helical_yolksac_geneformer", "helical_annotate"}
     assert out["dags"]["helical_yolksac_geneformer"]["retries"]["fine_tune"] == 2  # gpu profile
+    annotate = out["dags"]["helical_annotate"]  # scheduled on the watched folder's asset
+    assert "helical_incoming" in annotate["schedule"] and (ROOT / "data" / "incoming").as_uri() in annotate["schedule"]
+    assert set(annotate["tasks"]) == {"prepare", "jobs_of", "runs_of", "annotate", "finish", "check"}
+    assert annotate["form"]["model"]["default"] == "models:/demo@champion"
+
+
+def test_on_new_data_schedules_the_training_dag_on_its_dataset(airflow_env, tmp_path):
+    pdir = Path(airflow_env["HELICAL_WORKFLOW_PARAMS_DIR"])
+    raw = yaml.safe_load((pdir / "demo.yaml").read_text())
+    raw["experiment"], raw["dag"] = "retrain", {"schedule": "on_new_data"}
+    (pdir / "retrain.yaml").write_text(yaml.safe_dump(raw))
+    r = run([AIRFLOW_BIN / "python", "-c", PARSE, ROOT / "dags"], env=airflow_env)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    schedule = out["dags"]["helical_retrain"]["schedule"]
+    assert "helical_data_retrain" in schedule and Path(raw["data"]["path"]).resolve().as_uri() in schedule
 
 
 @pytest.mark.slow

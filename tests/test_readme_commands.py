@@ -116,6 +116,15 @@ def test_make_demo_runs_the_workflow_and_reports(tmp_path):
     (run_dir,) = (tmp_path / "out" / "demo").glob("manual__*")
     assert (run_dir / "reports" / "05_compare.html").exists()
 
+    # the README's annotate command, with the champion the demo registered
+    cmd = ".venv/kernel/bin/helical-workflow annotate data/pbmc68k_reduced_counts.h5ad --model models:/demo@champion"
+    assert cmd in (ROOT / "README.md").read_text()
+    env.pop("JUPYTER_PATH", None)  # as typed in a fresh shell
+    r = subprocess.run(cmd.split(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "700 cells annotated with demo-v1" in r.stdout
+    assert (tmp_path / "out" / "annotate").is_dir() and "reports/06_annotate.html" in r.stdout
+
 
 @pytest.mark.parametrize(
     "target,args,expect",

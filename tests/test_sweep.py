@@ -5,6 +5,7 @@ trial forced to fail: the alias stays, the other trial and the report are intact
 from __future__ import annotations
 
 import json
+import urllib.parse
 
 import numpy as np
 import pandas as pd
@@ -70,6 +71,9 @@ def test_a_sweep_ranks_trials_registers_the_winner_and_keeps_the_champion(tmp_pa
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert client.get_run(parent).info.status == "FINISHED"
+    tags = client.get_run(parent).data.tags  # the link back to the Airflow run names its real run id
+    assert tags["airflow_run_id"] == m["run_id"] and tags["airflow_run_id"].startswith("manual__")
+    assert tags["airflow_url"].endswith("/dags/helical_demo_sweep/runs/" + urllib.parse.quote(m["run_id"], safe=""))
     champion = client.get_model_version_by_alias("demo_sweep", "champion")
     assert str(champion.version) == "1" and m["registry"]["promoted"] is True
 

@@ -556,6 +556,9 @@ def report(run_dir: Path, *, kernel_name: str = "helical-workflow", log_output: 
 
     run_dir = Path(run_dir)
     out_nb = run_dir / REPORT_NOTEBOOK
+    kernels = launchers.project_root() / ".venv" / "jupyter" / "share" / "jupyter"
+    if not os.environ.get("JUPYTER_PATH") and kernels.is_dir():  # the project's kernel, from a bare shell
+        os.environ["JUPYTER_PATH"] = str(kernels)
     pm.execute_notebook(
         str(launchers.project_root() / "notebooks" / REPORT_NOTEBOOK),
         str(out_nb),

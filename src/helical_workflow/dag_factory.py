@@ -37,7 +37,7 @@ except ImportError:  # the docker provider is optional for local-only installs
     DockerOperator = None
 
 from . import launchers, links, stages
-from .params import TRIGGER_FIELDS, Params, ParamsError, flatten_overrides, load_params, trigger_form
+from .params import ON_NEW_DATA, TRIGGER_FIELDS, Params, ParamsError, flatten_overrides, load_params, trigger_form
 from .stages import Shard, Stage
 
 PARAMS_DIR_ENV = "HELICAL_WORKFLOW_PARAMS_DIR"
@@ -310,7 +310,7 @@ def build_dag(path: Path) -> DAG | None:
     dag = DAG(
         dag_id=f"{DAG_ID_PREFIX}{path.stem}",
         description=(params.description if params else "invalid params file")[:200] or None,
-        schedule=(d.schedule if d else None),
+        schedule=_schedule(params),
         start_date=datetime(start.year, start.month, start.day),
         catchup=d.catchup if d else False,
         max_active_runs=d.max_active_runs if d else 1,
@@ -341,6 +341,25 @@ def build_dag(path: Path) -> DAG | None:
         for up in stage.upstream:
             tasks[up] >> tasks[stage.name]
     return dag
+
+
+def _schedule(params: Params | None) -> Any:
+    """The DAG's schedule: the file's ``dag.schedule``; ``on_new_data`` is the dataset file as an asset whose
+    watcher (in the triggerer) fires when its content changes, so the model retrains on new labelled data."""
+    d = params.dag if params else None
+    if d is None or d.schedule != ON_NEW_DATA:
+        return d.schedule if d else None
+    from airflow.sdk import Asset, AssetWatcher
+
+    from .watch import FileChangedTrigger
+
+    return [
+        Asset(
+            name=f"helical_data_{params.experiment}",
+            uri=params.data_path.as_uri(),
+            watchers=[AssetWatcher(name="data_changed", trigger=FileChangedTrigger(str(params.data_path)))],
+        )
+    ]
 
 
 def _after_trials(stage: Stage) -> bool:

@@ -246,8 +246,15 @@ class TrackingParams(_Strict):
     pushgateway: str | None = Field(None, description=f"host:port; default: ${PUSHGATEWAY_ENV}")
 
 
+ON_NEW_DATA = "on_new_data"
+
+
 class DagParams(_Strict):
-    schedule: str | None = None
+    schedule: str | None = Field(
+        None,
+        description=f"a cron expression or preset (@daily), '{ON_NEW_DATA}' (a run whenever data.path's content "
+        "changes: an Airflow asset with a watcher in the triggerer), or null (triggered by hand)",
+    )
     start_date: date = date(2026, 1, 1)
     catchup: bool = False
     tags: list[str] = []

@@ -207,7 +207,9 @@ class MlflowRun:
             )
         else:
             exp_id = exp.experiment_id
-        tags = {"run_dir": str(self.run.dir), "airflow_run_id": self.run.run_id, **airflow_link(self.run.run_id)}
+        # the Airflow run id as the launcher recorded it (a notebook only knows the folder-safe form)
+        run_id = self.run.manifest.get("run_id") or self.run.run_id
+        tags = {"run_dir": str(self.run.dir), "airflow_run_id": run_id, **airflow_link(run_id)}
         name = self.run.dir.name
         parent = self.run.manifest.get("parent")
         if parent:  # a sweep trial: a child run under the run's own MLflow run
