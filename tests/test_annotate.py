@@ -328,3 +328,34 @@ def test_files_dropped_into_the_watched_folder_are_annotated_under_the_scheduler
         from .test_readme_commands import _stop
 
         _stop(proc)
+
+
+def test_the_data_trigger_fires_when_the_training_data_changes(tmp_path):
+    """`dag.schedule: on_new_data`: the file as it is when the watcher starts is the baseline; a changed content
+    fires once it is stable; touching it without changing the content does not."""
+    code = (
+        "import asyncio, json, os, sys, time, threading\n"
+        "from pathlib import Path\n"
+        "from helical_workflow.watch import FileChangedTrigger\n"
+        "path = Path(sys.argv[1])\n"
+        "t = FileChangedTrigger(str(path), stable_seconds=0.5, poll_seconds=0.2)\n"
+        "def writer():\n"
+        "    time.sleep(1.5); os.utime(path)\n"  # same content, new mtime: no event
+        "    time.sleep(1.5); path.write_bytes(b'version 2')\n"
+        "threading.Thread(target=writer, daemon=True).start()\n"
+        "out = []\n"
+        "async def main():\n"
+        "    async def consume():\n"
+        "        async for ev in t.run():\n"
+        "            out.append(ev.payload)\n"
+        "    task = asyncio.ensure_future(consume()); await asyncio.sleep(5); task.cancel()\n"
+        "asyncio.run(main())\n"
+        "print(json.dumps(out))\n"
+    )
+    path = tmp_path / "train.h5ad"
+    path.write_bytes(b"version 1")
+    r = subprocess.run([AIRFLOW_BIN / "python", "-c", code, path], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(events) == 1 and events[0]["previous"] != events[0]["sha256"]
+    assert events[0]["sha256"] == data.file_sha256(path)
