@@ -317,6 +317,15 @@ def test_files_dropped_into_the_watched_folder_are_annotated_under_the_scheduler
         assert not list((tmp_path / "outputs").glob("annotate/*-again/*"))
         logs = "\n".join(p.read_text() for p in (tmp_path / "airflow" / "logs").rglob("*.log"))
         assert "broken.h5ad is not a readable .h5ad file" in logs
+        # each annotation is an event on the asset helical_annotated, for downstream DAGs
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "airflow" / "airflow.db") as con:
+            extras = con.execute(
+                "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.name = 'helical_annotated'"
+            ).fetchall()
+        folders = sorted(Path(json.loads(x)["run_dir"]).parent.name.split("-", 1)[1] for (x,) in extras)
+        assert folders == ["first", "next"], extras
         from datetime import datetime
 
         started = [datetime.fromisoformat(r["start_date"]).timestamp() for r in runs_]
