@@ -157,13 +157,44 @@ def stage_output(run_dir: Path, name: str) -> contextlib.AbstractContextManager[
     return atomic(Path(run_dir) / name, directory=True)
 
 
+def _nothing_ran_here(run_dir: Path) -> bool:
+    """No stage of this run is recorded in the run folder as this machine sees it (the folder is missing, or
+    only this worker's ``Run.open`` made it): the sign of a worker that does not share the outputs storage."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return True
+    m = read_manifest(run_dir)
+    if m.get("parent"):  # a sweep trial's folder: its stages are recorded in the run's manifest
+        m = read_manifest(Path(m["parent"]))
+    return not m.get("stages")
+
+
+def shared_storage_hint(run_dir: Path, upstream: str) -> str:
+    """What to say when a stage cannot see what its upstream stage wrote and nothing of the run is here."""
+    return (
+        f"This machine ({platform.node()}) sees no stage of this run in {run_dir}: if '{upstream}' ran on "
+        "another worker, this worker does not share the outputs storage. Shared storage is required with more "
+        "than one worker (CeleryExecutor workers, Kubernetes pods, containers on several hosts): every worker "
+        "must see the outputs folder at the same path. Fix: mount the same storage at that path on every "
+        "worker: one outputs volume for all airflow-worker services in compose, an NFS export, or a "
+        "ReadWriteMany PersistentVolumeClaim on Kubernetes. On a single machine, run the "
+        f"'{upstream}' stage for this run first."
+    )
+
+
 def require_stage_output(run_dir: Path, name: str, produced_by: str | None = None) -> Path:
-    """The folder a previous stage wrote, or a clear error saying which stage to run first."""
+    """The folder a previous stage wrote, or a clear error saying which stage to run first (or, when nothing
+    of the run is visible here, that the workers need shared storage for the outputs folder)."""
     from . import stages
 
     produced_by = produced_by or stages.producer(name).name
     path = Path(run_dir) / name
     if not path.is_dir():
+        if _nothing_ran_here(run_dir):
+            raise FileNotFoundError(
+                f"{path} does not exist: the '{produced_by}' stage has not completed for this run as this machine "
+                f"sees it. {shared_storage_hint(run_dir, produced_by)}"
+            )
         raise FileNotFoundError(
             f"{path} does not exist: the '{produced_by}' stage has not completed for this run. "
             f"Fix: run the '{produced_by}' stage (notebook or Airflow task) for run folder {run_dir} first."
@@ -336,6 +367,11 @@ class Run:
         if bad and not (stage.needs == "any" and good):
             detail = ", ".join(f"{k}: {v}" for k, v in bad.items())
             ups = ", ".join(f"'{u}'" for u in stage.upstream)
+            if _nothing_ran_here(self.dir):  # a worker without the shared outputs storage sees a fresh folder
+                raise StageNotReady(
+                    f"stage '{stage.name}' needs {ups} to have succeeded in {self.dir} ({detail}). "
+                    + shared_storage_hint(self.root.dir, ", ".join(stage.upstream))
+                )
             raise StageNotReady(
                 f"stage '{stage.name}' needs {ups} to have succeeded in {self.dir} ({detail}). Fix: run {ups} first."
             )
