@@ -221,6 +221,11 @@ def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str,
                 tolerations=[_toleration(t) for t in profile.tolerations] or None,
                 on_finish_action="delete_pod",
                 get_logs=True,
+                # the DAG renders natively; a pod's args and env values must stay strings (run id "20260501")
+                render_template_as_native_obj=False,
+                # the provider's 120 s are too short to scale up a GPU node or pull the kernel image (GBs)
+                schedule_timeout_seconds=1800,
+                startup_timeout_seconds=1800,
             )
         per_task = [s.command for s in specs]
     if len(shards) > 1:  # dynamic task mapping: one task instance per row shard, whatever the launcher

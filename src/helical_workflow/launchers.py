@@ -273,6 +273,7 @@ class ContainerSpec:
         """KubernetesPodOperator arguments: the same image, command and resources, PVCs for data and outputs."""
         from kubernetes.client import models as k8s
 
+        uid, gid = self.uid_gid()
         cpus = int(self.cpus) if float(self.cpus).is_integer() else self.cpus
         limits = {"memory": _memory_k8s(self.memory), "cpu": str(cpus)}
         if self.gpus:
@@ -302,8 +303,33 @@ class ContainerSpec:
             container_resources=k8s.V1ResourceRequirements(limits=limits, requests=dict(limits)),
             volumes=volumes,
             volume_mounts=mounts,
-            security_context=k8s.V1PodSecurityContext(run_as_user=int(self.user), run_as_non_root=True),
+            security_context=k8s.V1PodSecurityContext(
+                run_as_user=uid,
+                run_as_group=gid,
+                run_as_non_root=True,
+                # a fresh PVC is root's: the group gets write access to outputs (not re-chowned every start)
+                fs_group=gid if gid is not None else uid,
+                fs_group_change_policy="OnRootMismatch",
+                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+            ),
+            # with the pod's settings, what Pod Security Standards "restricted" asks of a container
+            container_security_context=k8s.V1SecurityContext(
+                allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])
+            ),
         )
+
+    def uid_gid(self) -> tuple[int, int | None]:
+        """``user`` as numbers: ``'1000'`` or ``'1000:1000'`` (Docker's forms; a pod needs numeric ids).
+
+        Without a group, the image's user group is the uid's (``useradd`` in kernels_image/Dockerfile).
+        """
+        uid, _, gid = self.user.partition(":")
+        try:
+            return int(uid), int(gid) if gid else None
+        except ValueError:
+            raise ValueError(
+                f"HELICAL_CONTAINER_USER={self.user!r}: a pod needs a numeric user, UID or UID:GID (e.g. 1000)"
+            ) from None
 
 
 def explain_docker_error(e: Exception, image: str, url: str | None) -> str:
