@@ -338,6 +338,8 @@ def build_dag(path: Path) -> DAG | None:
         )
         if profile and profile.pool:
             common["pool"] = profile.pool  # GPU trials queue on the pool instead of fighting over memory
+        if profile:
+            common["queue"] = profile.queue  # CeleryExecutor: only workers on that queue take it
         if params is not None and params.sweep is not None and _after_trials(stage):
             common["trigger_rule"] = "all_done"  # a failed trial does not stop the others (its own check does)
         if params is None:  # invalid file: local tasks whose first run explains the problem

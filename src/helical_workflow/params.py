@@ -273,6 +273,7 @@ class Profile(_Strict):
     retries: int = Field(0, ge=0)
     cell_timeout_s: int | None = Field(None, ge=1)
     pool: str | None = None
+    queue: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")  # CeleryExecutor: the workers serving it
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, str]] = []
 
