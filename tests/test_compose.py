@@ -54,6 +54,45 @@ def test_compose_has_every_service_and_no_secret_defaults():
             assert name == "docker-socket-proxy"
 
 
+def test_the_celery_profile_has_redis_and_workers_for_every_queue_of_the_profiles():
+    """``COMPOSE_PROFILES=celery`` with ``AIRFLOW_EXECUTOR=CeleryExecutor``: Redis, and Celery workers in the image,
+    environment and mounts of the scheduler (same code, params, data and outputs folder) serving every queue a
+    resource profile names; the `gpu` queue's worker reserves the GPUs."""
+    from helical_workflow.params import load_profiles
+
+    spec = yaml.safe_load(COMPOSE.read_text())
+    services = spec["services"]
+    celery = {name for name, svc in services.items() if "celery" in svc.get("profiles", [])}
+    assert celery == {"redis", "airflow-worker", "airflow-worker-gpu"}
+    assert not any(
+        svc.get("profiles") for name, svc in services.items() if name.startswith("airflow-") and name not in celery
+    )
+    env = services["airflow-scheduler"]["environment"]
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "${AIRFLOW_EXECUTOR:-LocalExecutor}"  # LocalExecutor without the profile
+    assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+    sched = services["airflow-scheduler"]
+    queues: dict[str, str] = {}
+    for name in ("airflow-worker", "airflow-worker-gpu"):
+        w = services[name]
+        assert w["image"] == sched["image"] and w["build"] == sched["build"]
+        assert w["volumes"] == sched["volumes"]  # the outputs folder the other workers and the scheduler see
+        assert {k: v for k, v in w["environment"].items() if k != "DUMB_INIT_SETSID"} == sched["environment"]
+        assert w["depends_on"]["redis"] == {"condition": "service_healthy"}
+        cmd = " ".join(w["command"])
+        assert "airflow celery worker" in cmd
+        queues[name] = re.search(r"--queues (\S+)", cmd).group(1)
+    assert queues == {"airflow-worker": "default", "airflow-worker-gpu": "gpu"}
+    gpu = services["airflow-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in services["airflow-worker"]
+    # every queue a resource profile sends tasks to has a worker
+    profiles = load_profiles(ROOT / "params" / "profiles.yaml")
+    assert {p.queue for p in profiles.values()} <= set(queues.values())
+    assert profiles["gpu"].queue == profiles["gpu-k8s"].queue == "gpu" and profiles["cpu"].queue == "default"
+
+
 def test_dockerfiles_pass_hadolint():
     files = [
         ROOT / "kernels_image" / "Dockerfile",
@@ -92,7 +131,7 @@ dag = bag.dags["helical_gpu"]
 out = {}
 for t in dag.tasks:
     kind = type(t).__name__
-    d = {"kind": kind, "links": [link.name for link in t.operator_extra_links]}
+    d = {"kind": kind, "links": [link.name for link in t.operator_extra_links], "queue": t.queue}
     if kind == "DockerStageOperator":
         d.update(image=t.image, command=t.command, mem_limit=t.mem_limit, cpus=t.cpus, auto_remove=t.auto_remove,
                  name=t.container_name, user=t.user, env=t.environment,
@@ -141,6 +180,14 @@ def test_docker_and_kubernetes_launchers_from_profiles(tmp_path, model_cache, wo
     assert r.returncode == 0, r.stderr[-3000:]
     tasks = json.loads(r.stdout.strip().splitlines()[-1])
     assert tasks["load"]["kind"] == "StageOperator"
+    # the resource profile picks the Celery queue: GPU stages go to the workers serving `gpu`
+    assert {k: t["queue"] for k, t in tasks.items()} == {
+        "load": "default",
+        "tokenize": "default",
+        "fine_tune": "gpu",
+        "evaluate": "gpu",
+        "compare": "default",
+    }
     ft = tasks["fine_tune"]
     assert ft["kind"] == "DockerStageOperator" and ft["image"] == "example/kernels:1"
     assert ft["command"] == ["stage", "fine_tune", "{{ run_id }}"]
