@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian packages the test suite runs for real: Prometheus, Pushgateway, node-exporter, Podman (+runc).
+# Debian packages the test suite runs for real: Prometheus, Pushgateway, node-exporter, Podman (+runc),
+# Redis (the Celery broker of tests/test_celery.py).
 # Idempotent; needs root (CI and the dev machines run as root).
 set -euo pipefail
 need=()
@@ -9,6 +10,7 @@ command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporte
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
