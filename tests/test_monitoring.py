@@ -82,6 +82,7 @@ class StatsdCapture:
         self.sock.settimeout(0.5)
         self.port = self.sock.getsockname()[1]
         self.names: set[str] = set()
+        self.lines: list[str] = []  # every packet line, in order (``name:value|type``)
         self._stop = False
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -94,6 +95,15 @@ class StatsdCapture:
                 continue
             for line in data.decode(errors="replace").splitlines():
                 self.names.add(line.split(":", 1)[0])
+                self.lines.append(line)
+
+    def count(self, name: str) -> int:
+        """The total a StatsD counter ``name`` received (``name:1|c`` lines), as statsd_exporter would sum it."""
+        return sum(
+            int(float(line.split(":", 1)[1].split("|")[0]))
+            for line in list(self.lines)
+            if line.startswith(name + ":") and line.split("|")[1:2] == ["c"]
+        )
 
     def stop(self):
         self._stop = True
