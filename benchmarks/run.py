@@ -11,6 +11,7 @@ for script, args in (
     ("train_bench.py", []),
     ("train_bench.py", ["--synthetic", "--cells", "600"]),
     ("sweep_bench.py", []),
+    ("annotate_bench.py", []),
 ):
     print(f"\n=== {script} ===", flush=True)
     status |= subprocess.run([sys.executable, str(HERE / script), *args]).returncode

@@ -18,12 +18,13 @@ The steps, which the command line runs in a row and the ``helical_annotate`` DAG
    folder), check gene coverage against the model's vocabulary (refused below
    ``annotate.min_gene_coverage``). Returns ``None`` when this file was already annotated by this model.
 2. :func:`annotate_shard` (one per row-range shard): tokenize, then length-grouped batched inference
-   without gradients, under the profile's autocast, ``chunk_cells`` cells at a time into memory-mapped arrays.
+   without gradients, under the profile's autocast, ``chunk_cells`` cells at a time into ``.npy`` files.
 3. :func:`merge`: the shards into the three outputs, streamed; then :func:`finish` marks success.
 
-Memory is flat in the number of cells: tokens, logits and embeddings live in memory-mapped files,
-predictions are written by row groups, and ``X`` is never decoded (the input file is copied and the new
-columns are added to the copy with h5py).
+Memory is flat in the number of cells: tokens, logits and embeddings live in files, logits and embeddings
+written and read a block of rows at a time (never mapped whole, so that their pages do not add up in the
+process's RSS), predictions are written by row groups, and ``X`` is never decoded (the input file is
+copied and the new columns are added to the copy with h5py).
 """
 
 from __future__ import annotations
@@ -354,8 +355,7 @@ def annotate_shard(run_dir: Path, shard: Shard | str | None = None) -> dict[str,
     n, n_cls, emb = len(store), len(pm.labels), int(spec["embsize"])
     with runs.stage_output(run_dir / "shards", shard.name) as tmp:
         np.save(tmp / "rows.npy", kept_rows)
-        logits = np.lib.format.open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float32, shape=(n, n_cls))
-        embs = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n, emb))
+        logits, embs = _NpyWriter(tmp / "logits.npy", (n, n_cls)), _NpyWriter(tmp / EMBEDDINGS, (n, emb))
         for a in range(0, n, s.chunk_cells):  # a chunk at a time: memory does not grow with the cells
             idx = np.arange(a, min(a + s.chunk_cells, n))
             lg, em = modeling.predict(
@@ -367,11 +367,12 @@ def annotate_shard(run_dir: Path, shard: Shard | str | None = None) -> dict[str,
                 precision=s.precision,
                 pad_id=pm.model.pad_token_id,
             )
-            logits[a : a + len(idx)] = lg
-            embs[a : a + len(idx), : em.shape[1]] = em
-        logits.flush()
-        embs.flush()
-        del logits, embs
+            logits.write(lg)
+            block = np.zeros((len(idx), emb), dtype=np.float32)
+            block[:, : em.shape[1]] = em
+            embs.write(block)
+        logits.close()
+        embs.close()
         summary = {
             "shard": str(shard),
             "rows": [int(rows[0]), int(rows[-1]) + 1] if len(rows) else [0, 0],
@@ -384,6 +385,39 @@ def annotate_shard(run_dir: Path, shard: Shard | str | None = None) -> dict[str,
         runs.write_json(tmp / "summary.json", summary)
     shutil.rmtree(tok_dir)  # tokens are cheap to recompute and as large as the input's nonzeros
     return summary
+
+
+class _NpyWriter:
+    """A float32 ``.npy`` file of ``shape`` written a block of rows at a time, in order: unlike a memory map
+    of the whole array, its written pages do not add up in this process's RSS."""
+
+    def __init__(self, path: Path, shape: tuple[int, int]):
+        self.path, self.shape, self.rows = Path(path), (int(shape[0]), int(shape[1])), 0
+        self._f = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(self._f, {**header, "shape": self.shape})
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=np.float32).reshape(-1, self.shape[1])
+        if self.rows + len(block) > self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows + len(block)} rows written, {self.shape[0]} expected")
+        self._f.write(block.tobytes())
+        self.rows += len(block)
+
+    def close(self) -> None:
+        self._f.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} expected")
+
+
+def _read_rows(path: Path, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of a ``.npy`` file, copied out of a memory map dropped at once (its pages leave this
+    process's RSS with it)."""
+    m = np.load(path, mmap_mode="r")
+    try:
+        return np.array(m[a:b])
+    finally:
+        del m
 
 
 def merge(run_dir: Path) -> dict[str, Any]:
@@ -401,8 +435,7 @@ def merge(run_dir: Path) -> dict[str, Any]:
         if not (d / "summary.json").is_file():
             raise AnnotateError(f"shard {name} of {run_dir} has not run ({d} is missing). Fix: run it first.")
         parts.append(d)
-    first = np.load(parts[0] / EMBEDDINGS, mmap_mode="r")
-    dim = first.shape[1]
+    dim = np.load(parts[0] / EMBEDDINGS, mmap_mode="r").shape[1]
     cats = [*labels, UNASSIGNED]
     codes = np.full(n_obs, len(labels), dtype=np.int16)  # what goes into obs: small per cell
     conf = np.full(n_obs, np.nan, dtype=np.float32)
@@ -413,22 +446,23 @@ def merge(run_dir: Path) -> dict[str, Any]:
         runs.atomic(run_dir / PREDICTIONS) as pq_tmp,
         data_mod.ObsColumns(path, cols) as obs,
     ):
-        all_emb = np.lib.format.open_memmap(emb_tmp, mode="w+", dtype=np.float32, shape=(n_obs, dim))
+        all_emb = _NpyWriter(emb_tmp, (n_obs, dim))
         writer = None
         for d in parts:
             summ = json.loads((d / "summary.json").read_text())
             lo, hi = summ["rows"]
-            rows = np.load(d / "rows.npy")
-            logits = np.load(d / "logits.npy", mmap_mode="r")
-            embs = np.load(d / EMBEDDINGS, mmap_mode="r")
+            rows = np.load(d / "rows.npy")  # the rows of the shard's cells with tokens, ascending
+            if np.any(np.diff(rows) <= 0):
+                raise AnnotateError(f"{d / 'rows.npy'} is not in ascending order. Fix: run the shard again.")
             for a in range(lo, hi, s.chunk_cells):  # row range [a, b) of the input, in order
                 b = min(a + s.chunk_cells, hi)
-                sel = np.nonzero((rows >= a) & (rows < b))[0]
+                i, j = np.searchsorted(rows, [a, b])
+                pos = rows[i:j] - a
                 block_emb = np.full((b - a, dim), np.nan, dtype=np.float32)
-                block_emb[rows[sel] - a] = embs[sel]
-                all_emb[a:b] = block_emb
+                block_emb[pos] = _read_rows(d / EMBEDDINGS, i, j)
+                all_emb.write(block_emb)
                 table, c_codes, c_conf = _prediction_block(
-                    obs, a, b, rows[sel] - a, np.asarray(logits[sel]), labels, s.min_confidence, m.get("label_key")
+                    obs, a, b, pos, _read_rows(d / "logits.npy", i, j), labels, s.min_confidence, m.get("label_key")
                 )
                 codes[a:b], conf[a:b] = c_codes, c_conf
                 counts += np.bincount(c_codes, minlength=len(cats))
@@ -438,8 +472,7 @@ def merge(run_dir: Path) -> dict[str, Any]:
         if writer is None:
             raise AnnotateError(f"{path} produced no predictions.")
         writer.close()
-        all_emb.flush()
-        del all_emb
+        all_emb.close()
     _write_annotated(run_dir, path, codes, cats, conf, s.min_confidence)
     summary = {
         "cells": n_obs,
@@ -501,7 +534,8 @@ def _write_annotated(run_dir: Path, src: Path, codes, cats, conf, min_conf: floa
     import pandas as pd
     from anndata.io import write_elem
 
-    emb = np.load(run_dir / EMBEDDINGS, mmap_mode="r")
+    emb_path = run_dir / EMBEDDINGS
+    shape = np.load(emb_path, mmap_mode="r").shape
     with runs.atomic(run_dir / ANNOTATED) as tmp:
         shutil.copyfile(src, tmp)
         with h5py.File(tmp, "r+") as f:
@@ -522,13 +556,13 @@ def _write_annotated(run_dir: Path, src: Path, codes, cats, conf, min_conf: floa
                 obsm.attrs["encoding-type"], obsm.attrs["encoding-version"] = "dict", "0.1.0"
             if OBSM_KEY in obsm:
                 del obsm[OBSM_KEY]
-            rows_per_chunk = max(1, (1 << 20) // max(emb.shape[1] * 4, 1))
+            rows_per_chunk = max(1, (1 << 20) // max(shape[1] * 4, 1))
             dset = obsm.create_dataset(
-                OBSM_KEY, shape=emb.shape, dtype=np.float32, chunks=(min(rows_per_chunk, len(emb)), emb.shape[1])
+                OBSM_KEY, shape=shape, dtype=np.float32, chunks=(min(rows_per_chunk, shape[0]), shape[1])
             )
             dset.attrs["encoding-type"], dset.attrs["encoding-version"] = "array", "0.2.0"
-            for a in range(0, len(emb), 65536):
-                dset[a : a + 65536] = emb[a : a + 65536]
+            for a in range(0, shape[0], 65536):
+                dset[a : a + 65536] = _read_rows(emb_path, a, min(a + 65536, shape[0]))
 
 
 def finish(run_dir: Path, report: Path | None = None) -> dict[str, Any]:
@@ -666,7 +700,7 @@ def plot_confidence(preds, min_confidence: float, path: Path) -> Path:
 
 
 def plot_umap(run_dir: Path, preds, path: Path, *, max_cells: int = 20000, seed: int = 0) -> Path | None:
-    """UMAP of the cell embeddings (a random subset of at most ``max_cells``), by predicted label and confidence."""
+    """UMAP of the cell embeddings (a random subset of at most ``max_cells``), by top label and by confidence."""
     import anndata
     import pandas as pd
     import scanpy as sc
@@ -680,7 +714,7 @@ def plot_umap(run_dir: Path, preds, path: Path, *, max_cells: int = 20000, seed:
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_cells, replace=False))
     obs = pd.DataFrame(
         {
-            "predicted_label": preds["predicted_label"].iloc[idx].astype(str).to_numpy(),
+            "top label": preds["top1_label"].iloc[idx].astype(str).to_numpy(),
             "confidence": preds["confidence"].iloc[idx].to_numpy(),
         },
         index=[str(i) for i in idx],
@@ -689,7 +723,7 @@ def plot_umap(run_dir: Path, preds, path: Path, *, max_cells: int = 20000, seed:
     sc.pp.neighbors(ad, use_rep="X", n_neighbors=min(15, len(ad) - 1), random_state=seed)
     sc.tl.umap(ad, random_state=seed)
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    sc.pl.umap(ad, color="predicted_label", ax=axes[0], show=False, title="predicted label")
+    sc.pl.umap(ad, color="top label", ax=axes[0], show=False, title="top label (before min_confidence)")
     sc.pl.umap(ad, color="confidence", ax=axes[1], show=False, title="confidence", vmin=0, vmax=1)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
