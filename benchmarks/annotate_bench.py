@@ -206,6 +206,7 @@ def run_ours(h5: str, package: str, size: int, bs: int, threads: int, sample: st
         precision="fp32",
         outputs=out,
         tracking_uri=f"sqlite:///{out / 'mlflow.db'}",
+        cpus=threads,  # annotate_shard sets torch's threads from it
     )
     steps, rss_after = {}, {}
     with MemSampler() as mem:

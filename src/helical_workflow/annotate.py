@@ -78,6 +78,7 @@ class Settings:
     gene_names: str | None = None
     gene_id_type: str | None = None
     label_key: str | None = None
+    cpus: float = 2  # torch's threads (the profile's cpus, as training uses)
 
     @classmethod
     def from_params(cls, params: "Params", **options: Any) -> "Settings":
@@ -100,6 +101,7 @@ class Settings:
             gene_names=a.gene_names,
             gene_id_type=a.gene_id_type,
             label_key=a.label_key,
+            cpus=profile.cpus,
         )
         base.update({k: v for k, v in options.items() if v is not None})
         base["outputs"] = Path(base["outputs"]).resolve()
@@ -324,6 +326,9 @@ def annotate_shard(run_dir: Path, shard: Shard | str | None = None) -> dict[str,
         raise AnnotateError(f"shard {shard} does not match annotate.shards {s.shards} of {run_dir}.")
     path = Path(m["input"])
     t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(max(1, int(s.cpus)))
     pm = registry.open_package(Path(m["package"]), device=s.device, batch_size=s.batch_size, precision=s.precision)
     spec = pm.workflow["model_spec"]
     tk = RankValueTokenizer.from_files(
