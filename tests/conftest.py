@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,72 @@ def airflow_home(tmp_path: Path, workflow_env: dict[str, str], params_dir: Path,
     r = run([AIRFLOW_BIN / "airflow", "db", "migrate"], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return env
+
+
+def start_group(cmd, env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """A server (Airflow, MLflow, ...) in its own process group, output to ``log``: whatever it starts
+    (scheduler, workers, kernels) goes down with it in :func:`stop_group`."""
+    return subprocess.Popen(
+        [str(c) for c in cmd], cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_group(proc: subprocess.Popen, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGKILL)) -> None:
+    """Stop a process group started by :func:`start_group` (or ``start_new_session=True``), gently first,
+    and kill whatever of the group outlived its leader."""
+    for sig in signals:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            break
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in left:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def trained_demo(root: Path):
+    """A demo run trained for one epoch and evaluated in-process, tracked in a SQLite store under ``root``
+    (outputs under ``root/outputs`` for the duration): a run folder with params/, model/ and evaluate/."""
+    import json
+    from types import SimpleNamespace
+
+    from helical_workflow import data, evaluate, runs, train
+    from helical_workflow import tokenize as tok
+    from helical_workflow.params import load_params
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HELICAL_WORKFLOW_OUTPUTS", str(root / "outputs"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        pp = demo_params(
+            root,
+            model_cache=root / "models",
+            fine_tune__epochs=1,
+            evaluate__umap=False,
+            tracking__mlflow_tracking_uri=uri,
+        )
+        params = load_params(pp)
+        rd = root / "run"
+        data.load_stage(params, rd)
+        tok.tokenize_stage(params, rd)
+        train.fine_tune_stage(params, rd)
+        metrics = evaluate.evaluate_stage(params, rd)
+        params.save(rd / "params")  # as a launched run has them: the run folder is a model reference
+        yield SimpleNamespace(
+            root=root,
+            params=params,
+            params_file=pp,
+            run_dir=rd,
+            uri=uri,
+            metrics=metrics,
+            run_id=runs.read_manifest(rd)["mlflow"]["run_id"],
+            info=json.loads((rd / "model" / "model_info.json").read_text()),
+        )

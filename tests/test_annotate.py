@@ -9,43 +9,31 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from helical_workflow import annotate as an
-from helical_workflow import data, evaluate, registry, runs, train
-from helical_workflow import tokenize as tok
-from helical_workflow.params import load_params
+from helical_workflow import data, registry, runs
 
-from .conftest import AIRFLOW_BIN, DEMO_DATA, JUPYTER_PATH, ROOT, cli, demo_params
+from .conftest import (
+    AIRFLOW_BIN,
+    DEMO_DATA,
+    JUPYTER_PATH,
+    ROOT,
+    cli,
+    start_group,
+    stop_group,
+    trained_demo,
+)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A demo run trained for one epoch and evaluated in-process (a run folder with params/ and model/)."""
-    root = tmp_path_factory.mktemp("annotate")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HELICAL_WORKFLOW_OUTPUTS", str(root / "outputs"))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        pp = demo_params(
-            root,
-            model_cache=root / "models",
-            fine_tune__epochs=1,
-            evaluate__umap=False,
-            tracking__mlflow_tracking_uri=uri,
-        )
-        params = load_params(pp)
-        rd = root / "run"
-        data.load_stage(params, rd)
-        tok.tokenize_stage(params, rd)
-        train.fine_tune_stage(params, rd)
-        evaluate.evaluate_stage(params, rd)
-        params.save(rd / "params")
-        yield SimpleNamespace(root=root, params=params, params_file=pp, run_dir=rd, uri=uri)
+    """A demo run trained for one epoch and evaluated in-process (conftest.trained_demo)."""
+    with trained_demo(tmp_path_factory.mktemp("annotate")) as t:
+        yield t
 
 
 def settings(trained, out: Path, **kw) -> an.Settings:
@@ -258,13 +246,7 @@ def test_files_dropped_into_the_watched_folder_are_annotated_under_the_scheduler
         AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2",
     )
     log = tmp_path / "standalone.log"
-    proc = subprocess.Popen(
-        [AIRFLOW_BIN / "airflow", "standalone"],
-        env=env,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_group([AIRFLOW_BIN / "airflow", "standalone"], env, log)
 
     def dag_runs() -> list[dict]:
         r = subprocess.run(
@@ -334,9 +316,7 @@ def test_files_dropped_into_the_watched_folder_are_annotated_under_the_scheduler
             f"it was complete; next file (scheduler warm): {started[2] - t_next:.1f} s after it landed"
         )
     finally:
-        from .test_readme_commands import _stop
-
-        _stop(proc)
+        stop_group(proc)
 
 
 def test_the_data_trigger_fires_when_the_training_data_changes(tmp_path):

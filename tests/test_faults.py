@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from helical_workflow import tokenize as tok
 from helical_workflow.params import load_params
 from helical_workflow.runs import safe_run_id
 
-from .conftest import AIRFLOW_BIN, airflow_home, demo_params, free_port, run
+from .conftest import AIRFLOW_BIN, airflow_home, demo_params, free_port, run, start_group, stop_group
 from .test_monitoring import MAPPING, StatsdCapture, statsd_map
-from .test_readme_commands import _stop
 
 pytestmark = pytest.mark.slow
 
@@ -72,13 +70,7 @@ def test_a_killed_fine_tune_is_retried_and_resumes_from_its_checkpoint(tmp_path,
         AIRFLOW__METRICS__STATSD_PREFIX="airflow",
     )
     log = tmp_path / "standalone.log"
-    proc = subprocess.Popen(
-        [AIRFLOW_BIN / "airflow", "standalone"],
-        env=env,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_group([AIRFLOW_BIN / "airflow", "standalone"], env, log)
     run_id = "manual__fault_kill"
     run_dir = tmp_path / "outputs" / "demo" / safe_run_id(run_id)
     try:
@@ -146,5 +138,5 @@ def test_a_killed_fine_tune_is_retried_and_resumes_from_its_checkpoint(tmp_path,
         started = [ln for ln in log.read_text().splitlines() if "resuming from" in ln]
         print(f"killed at {killed_at:.0f}; resumed: {started[:1]}")
     finally:
-        _stop(proc)
+        stop_group(proc)
         statsd.stop()

@@ -9,7 +9,6 @@ itself serves (plugins/helical_workflow_reports.py) to a logged-in user.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -24,7 +23,7 @@ from helical_workflow import links
 from helical_workflow.params import load_params
 from helical_workflow.runs import write_json
 
-from .conftest import AIRFLOW_BIN, KERNEL_PY, ROOT, airflow_home, demo_params, free_port, run
+from .conftest import AIRFLOW_BIN, KERNEL_PY, ROOT, airflow_home, demo_params, free_port, run, start_group, stop_group
 
 RUN_ID = "manual__2026-01-01T00:00:00+00:00"
 RUN_DIR = "manual__2026-01-01T00_00_00_00_00"
@@ -106,29 +105,6 @@ def test_a_sweep_trials_mlflow_link_is_its_child_run(tmp_path, model_cache, work
 # ------------------------------------------------------------------ the real thing ---------------------------
 
 
-def _start(cmd: list, env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
-    # its own process group: whatever the server starts goes down with it
-    return subprocess.Popen(
-        [str(c) for c in cmd], cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=20)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            break
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # anything of the group that outlived its leader
-    except ProcessLookupError:
-        pass
-
-
 def _http(url: str, *, body: dict | None = None, token: str | None = None) -> tuple[int, dict | str]:
     headers = {"Content-Type": "application/json"}
     if token:
@@ -191,7 +167,7 @@ def test_the_airflow_api_serves_a_stage_tasks_report_and_mlflow_links(tmp_path, 
         ml_log = tmp_path / "mlflow.log"
         ml_env = {k: v for k, v in workflow_env.items() if not k.startswith("MLFLOW_")}
         procs.append(
-            _start(
+            start_group(
                 [
                     KERNEL_PY.parent / "mlflow",
                     "server",
@@ -238,7 +214,7 @@ def test_the_airflow_api_serves_a_stage_tasks_report_and_mlflow_links(tmp_path, 
         # the real API server on the same metadata DB, simple auth manager: log in, ask for the links
         api_log = tmp_path / "api.log"
         procs.append(
-            _start(
+            start_group(
                 [AIRFLOW_BIN / "airflow", "api-server", "--host", "127.0.0.1", "--port", api_port],
                 env,
                 api_log,
@@ -299,4 +275,4 @@ def test_the_airflow_api_serves_a_stage_tasks_report_and_mlflow_links(tmp_path, 
         }
     finally:
         for p in procs:
-            _stop(p)
+            stop_group(p, signals=(signal.SIGTERM, signal.SIGKILL))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -14,37 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import KERNEL_PY, ROOT, free_port
+from .conftest import KERNEL_PY, ROOT, free_port, start_group, stop_group
 
 pytestmark = pytest.mark.slow
 
 
 def _make(target: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     # its own process group: the servers' children (scheduler, workers, kernels) go down with it
-    return subprocess.Popen(
-        ["make", "-s", target],
-        cwd=ROOT,
-        env=env,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=20)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            break
-    # nothing of the group is left
-    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    for pid in left:
-        os.kill(int(pid), signal.SIGKILL)
+    return start_group(["make", "-s", target], env, log, cwd=ROOT)
 
 
 def _get_json(url: str, deadline: float) -> dict | None:
@@ -81,7 +57,7 @@ def test_make_lab_lists_the_kernel_and_the_notebooks(tmp_path):
         with pytest.raises(urllib.error.HTTPError):  # without the token the server refuses
             urllib.request.urlopen(f"{url}/api/kernelspecs", timeout=10)
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def test_make_airflow_starts_the_api_and_stops(tmp_path):
@@ -102,7 +78,7 @@ def test_make_airflow_starts_the_api_and_stops(tmp_path):
         assert "FileNotFoundError" not in log
         assert (tmp_path / "airflow" / "simple_auth_manager_passwords.json.generated").exists()
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def test_make_demo_runs_the_workflow_and_reports(tmp_path):

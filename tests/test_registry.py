@@ -4,7 +4,6 @@ and evaluate's frozen-embedding baseline (same in-process demo run)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -22,44 +21,18 @@ import numpy as np
 import pytest
 import yaml
 
-from helical_workflow import data, evaluate, modeling, registry, runs, train
 from helical_workflow import model as model_mod
+from helical_workflow import modeling, registry, runs
 from helical_workflow import tokenize as tok
-from helical_workflow.params import load_params
 
-from .conftest import ROOT, demo_params, free_port
+from .conftest import ROOT, free_port, stop_group, trained_demo
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A demo run trained for one epoch and evaluated in-process, tracked in a temporary SQLite store."""
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HELICAL_WORKFLOW_OUTPUTS", str(root / "outputs"))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        pp = demo_params(
-            root,
-            model_cache=root / "models",
-            fine_tune__epochs=1,
-            evaluate__umap=False,
-            tracking__mlflow_tracking_uri=uri,
-        )
-        params = load_params(pp)
-        rd = root / "run"
-        data.load_stage(params, rd)
-        tok.tokenize_stage(params, rd)
-        train.fine_tune_stage(params, rd)
-        metrics = evaluate.evaluate_stage(params, rd)
-        yield SimpleNamespace(
-            root=root,
-            params=params,
-            run_dir=rd,
-            uri=uri,
-            metrics=metrics,
-            run_id=runs.read_manifest(rd)["mlflow"]["run_id"],
-            info=json.loads((rd / "model" / "model_info.json").read_text()),
-        )
+    """A demo run trained for one epoch and evaluated in-process (conftest.trained_demo)."""
+    with trained_demo(tmp_path_factory.mktemp("registry")) as t:
+        yield t
 
 
 @pytest.fixture(scope="module")
@@ -287,17 +260,7 @@ def mlflow_server(tmp_path_factory):
             time.sleep(1)
         yield SimpleNamespace(url=url, port=port, root=root, artifacts=root / "mlartifacts", log=log)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=20)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                break
-        with contextlib.suppress(ProcessLookupError):  # whatever of the group outlived the server
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signals=(signal.SIGTERM, signal.SIGKILL))
 
 
 @pytest.mark.slow
