@@ -30,7 +30,7 @@ import pytest
 from helical_workflow import launchers, runs
 from helical_workflow.params import load_params
 
-from .conftest import AIRFLOW_BIN, airflow_home, demo_params, free_port
+from .conftest import AIRFLOW_BIN, airflow_home, demo_params, free_port, stop_group
 
 STORAGE_FIX = ("shared storage", "volume", "nfs", "persistentvolumeclaim")  # lower case
 
@@ -136,20 +136,9 @@ class Stack:
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)
-        left = _descendants(proc.pid)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=15)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                break
-        for pid in left + [
-            int(p)
-            for p in subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        ]:
+        left = _descendants(proc.pid)  # children that may leave the group (notebook kernels)
+        stop_group(proc, signals=(signal.SIGTERM, signal.SIGKILL))
+        for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -127,9 +127,8 @@ def resolve_model(ref: str, *, tracking_uri: str, cache: Path) -> tuple[Path, di
     from . import registry
 
     if str(ref).startswith("models:/"):
-        name, version, alias = registry.parse_model_ref(ref)
-        with registry._tracking_at(tracking_uri) as client:
-            mv = registry._resolve(client, ref)
+        alias = registry.parse_model_ref(ref)[2]
+        mv = registry.resolve(ref, tracking_uri)
         key = f"{mv.name}-v{mv.version}"
         dest = Path(cache) / key / registry.PACKAGE
         if not (dest / registry.WORKFLOW).is_file():
@@ -139,8 +138,8 @@ def resolve_model(ref: str, *, tracking_uri: str, cache: Path) -> tuple[Path, di
     if (folder / registry.WORKFLOW).is_file():  # a package folder (registry.load or build_package)
         return folder, _folder_identity(ref, folder, folder)
     model_dir, params_file = _run_model(folder)
-    key = _folder_identity(ref, folder, model_dir)["key"]
-    dest = Path(cache) / key / registry.PACKAGE
+    identity = _folder_identity(ref, folder, model_dir)  # hashes the weights: once
+    dest = Path(cache) / identity["key"] / registry.PACKAGE
     if not (dest / registry.WORKFLOW).is_file():
         from .params import load_params
 
@@ -148,13 +147,13 @@ def resolve_model(ref: str, *, tracking_uri: str, cache: Path) -> tuple[Path, di
         validation = _validation_of(model_dir)
         with runs.atomic(dest, directory=True) as tmp:
             registry.build_package(params, model_dir, tmp, validation=validation)
-    return dest, _folder_identity(ref, folder, model_dir)
+    return dest, identity
 
 
 def _folder_identity(ref: str, folder: Path, model_dir: Path) -> dict[str, Any]:
     from . import modeling
 
-    sha = data_mod.file_sha256(model_dir / modeling.WEIGHTS)[:12]
+    sha = runs.file_sha256(model_dir / modeling.WEIGHTS)[:12]
     return {"ref": str(ref), "name": folder.name, "version": f"sha256:{sha}", "alias": None, "key": f"run-{sha}"}
 
 
@@ -240,7 +239,7 @@ def prepare(input_path: str | os.PathLike, settings: Settings, *, force: bool = 
         ) from None
     if n_obs == 0:
         raise data_mod.DatasetError(f"{path} has no cells. Fix: check the file; nothing to annotate.")
-    sha = data_mod.file_sha256(path)
+    sha = runs.file_sha256(path)
     cache = annotation_root(settings.outputs) / ".models"
     package, identity = resolve_model(settings.model, tracking_uri=settings.tracking_uri, cache=cache)
     done = find_done(settings.outputs, sha, identity["key"])

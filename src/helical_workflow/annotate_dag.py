@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,11 @@ ANNOTATED = Asset(name="helical_annotated", uri="helical://annotated")
 
 def _step(args: list[str], params_path: str, options: dict[str, Any]) -> dict[str, Any]:
     """``helical-workflow annotate-step ...`` in the kernel environment; its last stdout line is JSON."""
-    cmd = [launchers.kernel_python(), "-m", "helical_workflow.cli", "annotate-step", *args, "--params", params_path]
+    cmd = ["annotate-step", *args, "--params", params_path]
     for k, v in options.items():
         if v not in (None, ""):
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(launchers.project_root()))
+    p = launchers.kernel_cli(cmd, cwd=launchers.project_root())
     print(p.stdout[-20000:], end="")
     print(p.stderr[-20000:], end="")
     if p.returncode != 0:

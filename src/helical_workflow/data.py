@@ -15,7 +15,6 @@ The split (:func:`stratified_split`) is per cell, or, with ``data.split.group_by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import runs
+from .runs import file_sha256
 
 if TYPE_CHECKING:
     from .params import Params
@@ -444,14 +444,6 @@ def check_groups(params: "Params", obs: pd.DataFrame) -> dict[str, Any]:
             n,
         )
     return {"n_groups": int(obs[col][~missing].nunique()), "missing_groups": k}
-
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(block), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 @dataclass

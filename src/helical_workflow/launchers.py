@@ -130,26 +130,22 @@ def _has_kernel_libraries() -> bool:
     return all(importlib.util.find_spec(m) for m in ("mlflow", "nbconvert"))
 
 
+def kernel_cli(args: list[str], *, cwd: Path, kernel_name: str = KERNEL_NAME) -> subprocess.CompletedProcess:
+    """``helical-workflow ARGS`` in the kernel environment (torch, MLflow, helical), from the Airflow worker,
+    which has none of them; output captured."""
+    cmd = [kernel_python(kernel_name), "-m", "helical_workflow.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=str(cwd))
+
+
 def _finalize_in_kernel(run: Run, kernel_name: str):
     """The Airflow worker has no MLflow: finalising (report, MLflow) runs in the kernel environment."""
 
     def finalize(a: Attempt) -> None:
-        cmd = [
-            kernel_python(kernel_name),
-            "-m",
-            "helical_workflow.cli",
-            "finalize-stage",
-            str(run.params_file),
-            str(run.dir),
-            a.stage.name,
-            "--status",
-            a.status,
-            "--seconds",
-            f"{a.seconds:.3f}",
-        ]
+        args = ["finalize-stage", str(run.params_file), str(run.dir), a.stage.name]
+        args += ["--status", a.status, "--seconds", f"{a.seconds:.3f}"]
         if a.shard is not None:
-            cmd += ["--shard", str(a.shard)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(run.dir))
+            args += ["--shard", str(a.shard)]
+        proc = kernel_cli(args, cwd=run.dir, kernel_name=kernel_name)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-3000:])
         sys.stdout.write(proc.stdout)

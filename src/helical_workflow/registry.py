@@ -582,6 +582,12 @@ def _resolve(client, model_ref: str):
         ) from None
 
 
+def resolve(model_ref: str, tracking_uri: str):
+    """The MLflow ModelVersion that ``model_ref`` names now (an alias resolved), or a RegistryError with the fix."""
+    with _tracking_at(tracking_uri) as client:
+        return _resolve(client, model_ref)
+
+
 def load(model_ref: str, tracking_uri: str, dest: Path | None = None) -> Path:
     """Download a registered model into ``dest`` (default: a new temporary folder) and return ``dest``:
     the package (see the module docstring), plus ``registered.json`` saying which version it is.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -47,6 +48,15 @@ def safe_run_id(run_id: str) -> str:
 
 def run_dir_for(outputs: Path, experiment: str, run_id: str) -> Path:
     return Path(outputs) / experiment / safe_run_id(run_id)
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """A file's content hash, read in blocks (datasets of any size; the triggerer's watchers use it too)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(block), b""):
+            h.update(b)
+    return h.hexdigest()
 
 
 def now_iso() -> str:

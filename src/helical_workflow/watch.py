@@ -19,7 +19,6 @@ Light on purpose: the triggerer imports it (standard library and Airflow only).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -28,19 +27,13 @@ from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
+from .runs import file_sha256
+
 SUFFIX = ".h5ad"
 
 
 def incoming_uri(folder: str | os.PathLike) -> str:
     return Path(folder).resolve().as_uri()
-
-
-def sha256_of(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(block), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def candidates(folder: Path) -> list[Path]:
@@ -97,7 +90,7 @@ class IncomingH5adTrigger(BaseEventTrigger):
                     continue
                 if now - seen[1] < self.stable_seconds:
                     continue
-                sha = await asyncio.to_thread(sha256_of, p)
+                sha = await asyncio.to_thread(file_sha256, p)
                 fired[p] = sig
                 watching.pop(p, None)
                 if await self._was_seen(sha):
@@ -156,7 +149,7 @@ class FileChangedTrigger(BaseEventTrigger):
                 if pending is None or pending[0] != sig:
                     pending = (sig, now)
                 elif now - pending[1] >= self.stable_seconds:
-                    sha = await asyncio.to_thread(sha256_of, p)
+                    sha = await asyncio.to_thread(file_sha256, p)
                     seen, pending = sig, None
                     last = await self._get()
                     await self._set(sha)
