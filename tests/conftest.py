@@ -134,6 +134,57 @@ def stop_group(proc: subprocess.Popen, signals=(signal.SIGINT, signal.SIGTERM, s
             pass
 
 
+def compose_mlflow_command() -> list[str]:
+    """The compose stack's ``mlflow server`` command line (compose/docker-compose.yml)."""
+    compose = yaml.safe_load((ROOT / "compose" / "docker-compose.yml").read_text())
+    return [str(a) for a in compose["services"]["mlflow"]["command"]]
+
+
+@contextmanager
+def mlflow_server_at(root: Path, port: int | None = None):
+    """``mlflow server`` started with the compose service's command line: a SQLite backend store under ``root``
+    instead of Postgres, artifacts served from ``root/mlartifacts``, on ``port`` (a free one by default).
+    Started again on the same root and port, it is the same server (the test of an MLflow outage does that)."""
+    import time
+    import urllib.request
+    from types import SimpleNamespace
+
+    port = port or free_port()
+    replace = {
+        "--host": "127.0.0.1",
+        "--port": str(port),
+        "--backend-store-uri": f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination": str(root / "mlartifacts"),
+    }
+    cmd = compose_mlflow_command()
+    for i, arg in enumerate(cmd):
+        flag = arg.partition("=")[0]
+        if flag in replace:
+            cmd[i] = f"{flag}={replace.pop(flag)}"
+    assert not replace, f"the compose mlflow command lacks {sorted(replace)}"
+    cmd[0] = str(KERNEL_PY.parent / "mlflow")  # the kernel environment's
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / f"server-{port}.log"
+    proc = start_group(cmd, env, log, cwd=root)  # its workers and job runners go down with it
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, f"mlflow server exited {proc.returncode}: {log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"mlflow server not healthy after 180 s: {log.read_text()[-3000:]}"
+            time.sleep(1)
+        yield SimpleNamespace(url=url, port=port, root=root, artifacts=root / "mlartifacts", log=log, proc=proc)
+    finally:
+        stop_group(proc, signals=(signal.SIGTERM, signal.SIGKILL))
+
+
 @contextmanager
 def trained_demo(root: Path):
     """A demo run trained for one epoch and evaluated in-process, tracked in a SQLite store under ``root``

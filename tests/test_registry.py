@@ -5,27 +5,22 @@ and evaluate's frozen-embedding baseline (same in-process demo run)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import yaml
 
 from helical_workflow import model as model_mod
 from helical_workflow import modeling, registry, runs
 from helical_workflow import tokenize as tok
 
-from .conftest import ROOT, free_port, stop_group, trained_demo
+from .conftest import ROOT, compose_mlflow_command, mlflow_server_at, trained_demo
 
 
 @pytest.fixture(scope="module")
@@ -192,12 +187,6 @@ def test_missing_models_and_aliases_fail_with_a_fix(trained, logged):
 COMPOSE = ROOT / "compose"
 
 
-def _compose_mlflow_command() -> list[str]:
-    return [
-        str(a) for a in yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]["mlflow"]["command"]
-    ]
-
-
 def test_the_compose_mlflow_server_is_the_kernels_mlflow():
     """Clients (notebooks, the kernel image) run the kernel environment's MLflow: the server is the same release,
     serves artifacts (clients upload over HTTP, never to a path of their own) and accepts compose's host name."""
@@ -205,7 +194,7 @@ def test_the_compose_mlflow_server_is_the_kernels_mlflow():
 
     image = re.search(r"^FROM ghcr\.io/mlflow/mlflow:v(\S+)", (COMPOSE / "mlflow.Dockerfile").read_text(), re.M)
     assert image and image.group(1) == version("mlflow"), "compose/mlflow.Dockerfile: use the kernel.lock release"
-    cmd = _compose_mlflow_command()
+    cmd = compose_mlflow_command()
     assert cmd[:2] == ["mlflow", "server"] and "--serve-artifacts" in cmd
     assert "--artifacts-destination=/mlartifacts" in cmd and not any(
         a.startswith("--default-artifact-root") for a in cmd
@@ -225,42 +214,9 @@ def _http(url: str, host: str | None = None) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """``mlflow server`` started with the compose service's command line: a SQLite backend store in tmp
-    instead of Postgres, artifacts served from a tmp folder, on a free local port."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    replace = {
-        "--host": "127.0.0.1",
-        "--port": str(port),
-        "--backend-store-uri": f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination": str(root / "mlartifacts"),
-    }
-    cmd = _compose_mlflow_command()
-    for i, arg in enumerate(cmd):
-        flag = arg.partition("=")[0]
-        if flag in replace:
-            cmd[i] = f"{flag}={replace.pop(flag)}"
-    assert not replace, f"the compose mlflow command lacks {sorted(replace)}"
-    cmd[0] = str(Path(sys.executable).parent / "mlflow")  # the kernel environment's
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    log = root / "server.log"
-    with open(log, "w") as out:  # its own process group: the server's workers and job runners go down with it
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if _http(f"{url}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow server exited {proc.returncode}: {log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"mlflow server not healthy after 180 s: {log.read_text()[-3000:]}"
-            time.sleep(1)
-        yield SimpleNamespace(url=url, port=port, root=root, artifacts=root / "mlartifacts", log=log)
-    finally:
-        stop_group(proc, signals=(signal.SIGTERM, signal.SIGKILL))
+    """``mlflow server`` started with the compose service's command line (see :func:`conftest.mlflow_server_at`)."""
+    with mlflow_server_at(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
 
 
 @pytest.mark.slow

@@ -110,3 +110,47 @@ def test_an_unreachable_pushgateway_is_a_warning_not_a_failure(tmp_path, model_c
     assert run.record("load")["status"] == "success"
     assert any("Pushgateway" in w for w in run.manifest["warnings"])
     assert (run.dir / "metrics" / "load_status.prom").exists()
+
+
+@pytest.mark.slow
+def test_mlflow_calls_made_while_the_server_is_down_are_kept_then_sent(tmp_path, model_cache, workflow_env):
+    """The server is down: the first call fails within seconds (not the client's ~4 minutes of retries), it and
+    every later call of the process are kept in the run folder, one warning says so. Once a server answers on that
+    address, `helical-workflow mlflow-sync` sends them in order: the MLflow run gets its params, metrics and status."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from .conftest import cli, free_port, mlflow_server_at
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    pp = demo_params(tmp_path, model_cache=model_cache, tracking__mlflow_tracking_uri=url)
+    run = Run.open(pp, "server-down")
+    t0 = time.time()
+    run.mlflow.log_metrics({"fine_tune.loss": 2.0}, step=0)
+    run.mlflow.log_metrics({"fine_tune.loss": 1.0}, step=1)
+    run.mlflow.log_artifacts(run.dir / "params", "params")
+    run.mlflow.terminate("FINISHED")
+    waited = time.time() - t0
+    assert waited < 60, f"{waited:.0f} s waiting on a server that is down"
+    assert run.mlflow.pending() == 4
+    (warning,) = run.manifest["warnings"]
+    assert "unreachable" in warning and f"helical-workflow mlflow-sync {run.dir}" in warning
+
+    with mlflow_server_at(tmp_path / "server", port):
+        r = cli("mlflow-sync", run.dir, env=workflow_env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "4 kept call(s) sent" in r.stdout
+        mlrun_id = runs.read_manifest(run.dir)["mlflow"]["run_id"]
+        client = MlflowClient(url)
+        got = client.get_run(mlrun_id)
+        assert got.info.status == "FINISHED" and got.data.params["experiment"] == "demo"
+        assert [(m.step, m.value) for m in client.get_metric_history(mlrun_id, "fine_tune.loss")] == [
+            (0, 2.0),
+            (1, 1.0),
+        ]
+        assert [a.path for a in client.list_artifacts(mlrun_id, "params")]
+        assert run.mlflow.pending() == 0 and not (run.dir / "mlflow_pending.jsonl").exists()
+        again = cli("mlflow-sync", run.dir, env=workflow_env)
+        assert again.returncode == 0 and "nothing kept" in again.stdout

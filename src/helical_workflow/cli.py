@@ -179,6 +179,37 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    """Send the MLflow calls a run kept while the tracking server was unreachable (its trials' too)."""
+    from .runs import Run
+    from .tracking import PENDING, MlflowRun
+
+    run_dir = Path(args.run_dir).resolve()
+    params_files = sorted((run_dir / "params").glob("*.yaml"))
+    params_files = [f for f in params_files if f.name != "profiles.yaml"]
+    if not params_files:
+        print(
+            f"{run_dir} is not a run folder (no params/<experiment>.yaml). Fix: give outputs/<experiment>/<run id>"
+        )
+        return 2
+    run = Run(load_params(params_files[0], check_files=False), run_dir)
+    failed = total = 0
+    for d in [run_dir, *sorted(p.parent for p in run_dir.glob(f"trials/*/{PENDING}"))]:
+        ml = MlflowRun.of(run if d == run_dir else Run(run.params, d, root=run))
+        if not ml.pending():
+            continue
+        sent = ml.flush()
+        if sent is None:
+            failed += 1
+            print(f"{d}: MLflow at {ml.uri} still unreachable; {ml.pending()} call(s) kept. Fix: start it, then again.")
+        else:
+            total += sent
+            print(f"{d}: {sent} kept call(s) sent to {ml.uri}")
+    if not failed and not total:
+        print(f"{run_dir}: nothing kept, MLflow has everything")
+    return 1 if failed else 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from .data import make_demo_dataset
 
@@ -384,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--shard", default=None)
     f.add_argument("--seconds", type=float, default=0.0)
     f.set_defaults(func=cmd_finalize)
+
+    ms = sub.add_parser("mlflow-sync", help="send the MLflow logging a run kept while the server was unreachable")
+    ms.add_argument("run_dir", help="the run folder (outputs/<experiment>/<run id>)")
+    ms.set_defaults(func=cmd_mlflow_sync)
 
     t = sub.add_parser("tokenize", help="tokenize an .h5ad for Geneformer (streamed, backed mode) into Arrow shards")
     t.add_argument("input")

@@ -490,6 +490,9 @@ class Run:
             body, _ = HTMLExporter().from_notebook_node(nbformat.read(a.notebook, as_version=4))
             html = write_text(self.dir / "reports" / a.notebook.with_suffix(".html").name, body)
         ml = self.mlflow
+        trial = self.for_trial(a.shard) if a.shard is not None and a.shard.kind == "trial" else None
+        for kept in (ml, trial.mlflow) if trial else (ml,):  # what failed earlier (server down), in order
+            kept.flush()
         ml.log_metrics({f"{a.key}.duration_seconds": a.seconds, f"{a.key}.success": float(a.status == "success")})
         for path, where in (
             (a.notebook, "notebooks"),
@@ -499,7 +502,6 @@ class Run:
         ):
             if path is not None:
                 ml.log_artifacts(path, where)
-        trial = self.for_trial(a.shard) if a.shard is not None and a.shard.kind == "trial" else None
         if a.status == "success" and a.stage.artifacts:  # plots, predictions.csv, metrics.json: first-class
             ml_of_output = trial.mlflow if trial else ml
             ml_of_output.log_artifacts((trial or self).dir / a.stage.output, a.stage.output)
@@ -515,6 +517,15 @@ class Run:
             ml.terminate("FAILED")
         if a.status == "success" and a.stage.name == stages.last().name:
             ml.terminate("FINISHED")
+            from .tracking import PENDING
+
+            kept = [self.dir / PENDING, *self.dir.glob(f"trials/*/{PENDING}")]
+            left = sum(len(f.read_text().splitlines()) for f in kept if f.exists())
+            if left:
+                self.warn(
+                    f"{left} MLflow call(s) of this run could not be sent to {ml.uri} (kept in {PENDING}). "
+                    f"Fix: when the server is back, `helical-workflow mlflow-sync {self.dir}`."
+                )
         if html is not None:
             print(f"report: {html}")
         return html

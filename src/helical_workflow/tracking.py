@@ -10,11 +10,16 @@ labels ``experiment`` and ``stage``.
 
 Neither an unreachable Pushgateway nor an unreachable MLflow server fails a stage: the
 metrics files in the run folder are always written, and what could not be sent is noted
-in ``run.json`` (``warnings``).
+in ``run.json`` (``warnings``). MLflow calls that fail for a reason that passes (server
+down, timeout, 5xx, a locked SQLite store) are kept in the run folder
+(``mlflow_pending.jsonl``) and sent again when a stage finishes, or by
+``helical-workflow mlflow-sync RUN_DIR``; once a call has failed, the process stops
+waiting on the server and keeps the rest for later.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -146,14 +151,48 @@ def airflow_link(run_id: str) -> dict[str, str]:
     return {"airflow_dag_id": dag_id, "airflow_url": f"{base}/dags/{dag_id}/runs/{quote(run_id, safe='')}"}
 
 
+PENDING = "mlflow_pending.jsonl"  # MLflow calls that failed for a passing reason, in order, in the run folder
+# An MLflow client retries a refused connection for ~4 minutes (7 retries, backoff 2) per call: a stage makes
+# dozens. Here one bounded try (~10 s), then the process defers to the pending file. The user's settings win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+_PASSING = (
+    "max retries exceeded",
+    "connection",
+    "timed out",
+    "timeout",
+    "temporarily unavailable",
+    "database is locked",
+    "503",
+    "502",
+    "504",
+    "429",
+    "bad gateway",
+    "service unavailable",
+)
+
+
+def passing_failure(e: BaseException) -> bool:
+    """A failure worth sending again later (server down or overloaded), not a bad request."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(p in text for p in _PASSING)
+
+
 class MlflowRun:
     """The MLflow run of one workflow run: one client per process, created by the first stage.
 
     Every method logs and returns; a failure (server down, store locked) becomes a warning in
-    ``run.json`` instead of failing the stage.
+    ``run.json`` instead of failing the stage, and a call that can be sent again later is kept in
+    the run folder's ``mlflow_pending.jsonl`` (:meth:`flush` sends it).
     """
 
     _cache: ClassVar[dict[tuple[str, str], "MlflowRun"]] = {}
+    _down: ClassVar[dict[str, str]] = {}  # tracking URI -> why, in this process: calls go to the pending file
 
     def __init__(self, run: "Run"):
         self.run = run
@@ -175,6 +214,9 @@ class MlflowRun:
 
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            if self.uri.startswith(("http://", "https://")):
+                for k, v in HTTP_DEFAULTS.items():
+                    os.environ.setdefault(k, v)
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
@@ -232,12 +274,96 @@ class MlflowRun:
         write_json(self.run.dir / MANIFEST, manifest)
         return known
 
-    def _safely(self, what: str, fn) -> None:
-        try:
-            fn()
-        except Exception as e:
-            self.run.warn(f"MLflow ({self.uri}): {what} failed: {type(e).__name__}: {str(e)[:500]}")
+    # --- sending, or keeping for later --------------------------------------------------
+    @property
+    def pending_file(self) -> Path:
+        return self.run.dir / PENDING
 
+    def _send(self, entry: dict[str, Any]) -> None:
+        op = entry["op"]
+        if op == "metrics":
+            from mlflow.entities import Metric
+
+            items = [
+                Metric(k.replace("/", "."), float(v), int(entry["ts"]), int(step)) for k, v, step in entry["points"]
+            ]
+            for i in range(0, len(items), 500):
+                self.client.log_batch(self.id, metrics=items[i : i + 500])
+        elif op == "artifacts":
+            path = Path(entry["path"])
+            if path.is_dir():
+                self.client.log_artifacts(self.id, str(path), entry.get("artifact_path"))
+            elif path.exists():
+                self.client.log_artifact(self.id, str(path), entry.get("artifact_path"))
+        elif op == "terminate":
+            self.client.set_terminated(self.id, status=entry["status"])
+        else:
+            raise ValueError(f"unknown MLflow call {op!r} in {self.pending_file}")
+
+    def _keep(self, entries: list[dict[str, Any]]) -> None:
+        with self.run.locked():
+            with open(self.pending_file, "a") as f:
+                for e in entries:
+                    f.write(json.dumps(e) + "\n")
+
+    def _safely(self, what: str, entry: dict[str, Any]) -> None:
+        if self.uri in self._down:
+            self._keep([entry])
+            return
+        try:
+            self._send(entry)
+        except Exception as e:
+            why = f"{type(e).__name__}: {str(e)[:300]}"
+            if not passing_failure(e):
+                self.run.warn(f"MLflow ({self.uri}): {what} failed: {why}")
+                return
+            self._down[self.uri] = why
+            self._keep([entry])
+            self.run.warn(
+                f"MLflow ({self.uri}) unreachable while {what}: {why}. The stage goes on; this and later MLflow "
+                f"calls of this process are kept in {self.pending_file} and sent when a stage finishes, "
+                f"or by `helical-workflow mlflow-sync {self.run.dir}`."
+            )
+
+    def pending(self) -> int:
+        """How many MLflow calls wait in the run folder."""
+        try:
+            return sum(1 for line in self.pending_file.read_text().splitlines() if line.strip())
+        except FileNotFoundError:
+            return 0
+
+    def flush(self) -> int | None:
+        """Send the kept calls, in order. Returns how many were sent, or None if the server still fails
+        (what is left stays kept). Concurrent shards each take the whole file or nothing."""
+        if not self.pending_file.exists():
+            return 0
+        taking = self.pending_file.with_name(f"{PENDING}.{os.getpid()}")
+        with self.run.locked():
+            if not self.pending_file.exists():
+                return 0
+            self.pending_file.rename(taking)
+        entries = [json.loads(line) for line in taking.read_text().splitlines() if line.strip()]
+        sent = 0
+        try:
+            for entry in entries:
+                self._send(entry)
+                sent += 1
+        except Exception as e:
+            left = entries[sent:] if passing_failure(e) else entries[sent + 1 :]
+            if not passing_failure(e):
+                self.run.warn(f"MLflow ({self.uri}): a kept {entries[sent]['op']} call failed and is dropped: {e}")
+            else:
+                self._down[self.uri] = f"{type(e).__name__}: {str(e)[:300]}"
+            self._keep(left)
+            taking.unlink()
+            return None if passing_failure(e) else sent
+        taking.unlink()
+        self._down.pop(self.uri, None)
+        if sent:
+            self.run.warn(f"MLflow ({self.uri}) reachable again: {sent} kept call(s) sent")
+        return sent
+
+    # --- what stages log -----------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """The numeric values of ``metrics`` at one step."""
         self.log_points(
@@ -250,32 +376,22 @@ class MlflowRun:
 
     def log_points(self, points: list[tuple[str, float, int]]) -> None:
         """(key, value, step) triples, in batches."""
-
-        def send() -> None:
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            items = [Metric(k.replace("/", "."), float(v), ts, int(step)) for k, v, step in points]
-            for i in range(0, len(items), 500):
-                self.client.log_batch(self.id, metrics=items[i : i + 500])
-
         if points:
-            self._safely("logging metrics", send)
+            entry = {
+                "op": "metrics",
+                "ts": int(time.time() * 1000),
+                "points": [[k, float(v), int(s)] for k, v, s in points],
+            }
+            self._safely("logging metrics", entry)
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-
-        def send() -> None:
-            if path.is_dir():
-                self.client.log_artifacts(self.id, str(path), artifact_path)
-            elif path.exists():
-                self.client.log_artifact(self.id, str(path), artifact_path)
-
-        self._safely(f"logging {path.name}", send)
+        self._safely(
+            f"logging {Path(path).name}", {"op": "artifacts", "path": str(path), "artifact_path": artifact_path}
+        )
 
     def terminate(self, status: str) -> None:
         """FINISHED or FAILED on the workflow's MLflow run."""
-        self._safely(f"marking the run {status}", lambda: self.client.set_terminated(self.id, status=status))
+        self._safely(f"marking the run {status}", {"op": "terminate", "status": status})
 
 
 def log_metrics(params: "Params", run_dir: Path, metrics: Mapping[str, float], step: int | None = None) -> None:
