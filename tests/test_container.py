@@ -58,7 +58,7 @@ def test_demo_dag_runs_in_containers(podman_socket, tmp_path, workflow_env):
     assert json.loads((run_dir / "evaluate" / "metrics.json").read_text())["n_cells"] > 0
     assert m["params"]["data"]["path"] == "/opt/helical-workflow/data/pbmc68k_reduced_counts.h5ad"  # ran inside
     ps = _containers()
-    assert ps == "", f"containers left behind: {ps.stdout}"
+    assert ps == "", f"containers left behind: {ps}"
     (tmp_path / "wall.txt").write_text(f"{wall:.0f}")
     print(f"podman DAG run: {wall:.0f} s")
 
@@ -74,16 +74,16 @@ def test_cli_run_honours_the_docker_launcher(podman_socket, tmp_path, workflow_e
     assert m["params"]["data"]["path"] == "/opt/helical-workflow/data/pbmc68k_reduced_counts.h5ad"  # ran inside
     assert (run_dir / "reports" / "04_evaluate.html").exists()
     ps = _containers()
-    assert ps == "", f"containers left behind: {ps.stdout}"
+    assert ps == "", f"containers left behind: {ps}"
 
 
-def _containers() -> str:
+def _containers(filter: str = "name=hw-") -> str:
     """The names of the workflow's containers (``hw-*``) Podman still has, running or not."""
     env = {**os.environ, "CONTAINERS_CONF": str(ROOT / ".venv" / "podman" / "containers.conf")}
-    return run(["podman", "ps", "-a", "--filter", "name=hw-", "--format", "{{.Names}}"], env=env).stdout.strip()
+    return run(["podman", "ps", "-a", "--filter", filter, "--format", "{{.Names}}"], env=env).stdout.strip()
 
 
-def _docker_project(tmp_path, workflow_env, socket_url: str, image: str | None = None):
+def _docker_project(tmp_path, workflow_env, socket_url: str, image: str | None = None, **extra_env: str):
     root = tmp_path / "project"
     (root / "params").mkdir(parents=True)
     (root / "data").mkdir()
@@ -95,7 +95,7 @@ def _docker_project(tmp_path, workflow_env, socket_url: str, image: str | None =
     raw.update(experiment="demo_docker", profile="cpu-docker")
     raw["fine_tune"]["epochs"] = 1
     (root / "params" / "demo_docker.yaml").write_text(yaml.safe_dump(raw))
-    extra = {"HELICAL_WORKFLOW_OUTPUTS": str(root / "outputs"), "DOCKER_HOST": socket_url}
+    extra = {"HELICAL_WORKFLOW_OUTPUTS": str(root / "outputs"), "DOCKER_HOST": socket_url, **extra_env}
     if image:
         extra["HELICAL_KERNEL_IMAGE"] = image
     env = airflow_home(tmp_path, workflow_env, root / "params", **extra)
@@ -116,3 +116,85 @@ def test_missing_image_fails_clearly_and_leaves_no_container(podman_socket, tmp_
     assert "image 'localhost/no-such-image:1' is not on the Docker host" in r.stdout + r.stderr
     ps = _containers()
     assert ps == ""
+
+
+def test_a_container_stage_whose_task_is_killed_is_retried_cleanly_under_the_scheduler(
+    podman_socket, tmp_path, workflow_env
+):
+    """`airflow standalone` (scheduler, LocalExecutor) runs the demo in containers. The task process of
+    fine_tune is SIGKILLed while its container trains: nothing removes that container then. The retry removes
+    it before starting its own, resumes from the checkpoint, and the run ends with no container left. The run
+    id is all digits (a native-rendering DAG must still hand the container the string)."""
+    import signal
+    import sqlite3
+
+    from helical_workflow.runs import safe_run_id
+
+    from .conftest import free_port, start_group, stop_group
+
+    port = free_port()
+    root, env = _docker_project(
+        tmp_path,
+        workflow_env,
+        f"unix://{podman_socket}",
+        AIRFLOW__API__PORT=str(port),
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{port}/execution/",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+    )
+    pfile = root / "params" / "demo_docker.yaml"
+    raw = yaml.safe_load(pfile.read_text())
+    raw["fine_tune"].update(epochs=2, checkpoint_every_steps=4)
+    raw["evaluate"] = {**raw.get("evaluate", {}), "umap": False}
+    raw["stage_profiles"] = {"fine_tune": "cpu-docker-retry"}
+    pfile.write_text(yaml.safe_dump(raw))
+    profiles = yaml.safe_load((root / "params" / "profiles.yaml").read_text())
+    profiles["profiles"]["cpu-docker-retry"] = {**profiles["profiles"]["cpu-docker"], "retries": 1}
+    (root / "params" / "profiles.yaml").write_text(yaml.safe_dump(profiles))
+
+    airflow = AIRFLOW_BIN / "airflow"
+    run_id = "20261130"
+    run_dir = root / "outputs" / "demo_docker" / safe_run_id(run_id)
+    db = tmp_path / "airflow" / "airflow.db"
+    log = tmp_path / "standalone.log"
+    proc = start_group([airflow, "standalone"], env, log)
+
+    def wait(what, cond, timeout, every=1.0):
+        deadline = time.time() + timeout
+        while not (got := cond()):
+            assert proc.poll() is None, f"standalone exited waiting for {what}: {log.read_text()[-4000:]}"
+            assert time.time() < deadline, f"no {what} after {timeout} s: {log.read_text()[-4000:]}"
+            time.sleep(every)
+        return got
+
+    def fine_tune_ti():
+        with sqlite3.connect(db) as c:
+            q = "select pid, try_number, state from task_instance where dag_id = ? and run_id = ? and task_id = ?"
+            return c.execute(q, ("helical_demo_docker", run_id, "fine_tune")).fetchone()
+
+    try:
+        trigger = [airflow, "dags", "trigger", "helical_demo_docker", "--run-id", run_id]
+        wait("DAG to trigger", lambda: run(trigger, env=env).returncode == 0, 240, every=5)
+        wait("fine_tune checkpoint", lambda: (run_dir / "checkpoints" / "last.pt").exists(), 900)
+        label = f"label=helical-workflow.run={run_id}"
+        assert _containers(label).startswith("hw-helical_demo_docker-fine_tune-"), _containers(label)
+        pid, tries, state = fine_tune_ti()
+        assert state == "running" and tries == 1, (pid, tries, state)
+        os.kill(pid, signal.SIGKILL)  # the task process: DockerOperator's cleanup never runs
+
+        def final():
+            r = run([airflow, "dags", "state", "helical_demo_docker", run_id], env=env)
+            s = (r.stdout.strip().splitlines() or [""])[-1]
+            return s if s in ("success", "failed") else None
+
+        assert wait("end of the run", final, 1200, every=5) == "success", log.read_text()[-4000:]
+        assert fine_tune_ti()[1:] == (2, "success")
+        try2 = next((tmp_path / "airflow" / "logs").rglob("task_id=fine_tune/attempt=2.log")).read_text()
+        assert "left by an earlier try of this task" in try2, try2[-3000:]
+        nb = (run_dir / "notebooks" / "03_fine_tune.ipynb").read_text()
+        assert "resuming from" in nb
+        m = json.loads((run_dir / "run.json").read_text())
+        assert m["run_id"] == run_id and m["stages"]["evaluate"]["status"] == "success"
+        assert _containers(label) == "", f"containers left behind: {_containers(label)}"
+    finally:
+        stop_group(proc)

@@ -154,3 +154,28 @@ def test_mlflow_calls_made_while_the_server_is_down_are_kept_then_sent(tmp_path,
         assert run.mlflow.pending() == 0 and not (run.dir / "mlflow_pending.jsonl").exists()
         again = cli("mlflow-sync", run.dir, env=workflow_env)
         assert again.returncode == 0 and "nothing kept" in again.stdout
+
+
+def test_a_full_disk_fails_the_write_with_the_disk_and_the_fix_and_keeps_nothing(tmp_path):
+    """A small tmpfs as the outputs disk: a stage output larger than it fails naming the disk and the fix;
+    no temporary or half-written folder is left, and the previous output is untouched."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot mount a tmpfs ({r.stderr.strip()}): the suite runs as root, as .ci/run does"
+    try:
+        with runs.stage_output(mnt, "tokenized") as d:
+            (d / "small.bin").write_bytes(b"x" * 1000)
+        with pytest.raises(runs.OutOfSpace) as e:
+            with runs.stage_output(mnt, "tokenized") as d:
+                with open(d / "big.bin", "wb") as f:
+                    for _ in range(4):
+                        f.write(b"x" * 2**20)
+        msg = str(e.value)
+        assert f"No space left on the disk holding {mnt}" in msg and "Fix:" in msg and "HELICAL_WORKFLOW_OUTPUTS" in msg
+        assert sorted(p.name for p in mnt.iterdir()) == ["tokenized"]
+        assert [p.name for p in (mnt / "tokenized").iterdir()] == ["small.bin"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

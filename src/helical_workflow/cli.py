@@ -188,9 +188,7 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
     params_files = sorted((run_dir / "params").glob("*.yaml"))
     params_files = [f for f in params_files if f.name != "profiles.yaml"]
     if not params_files:
-        print(
-            f"{run_dir} is not a run folder (no params/<experiment>.yaml). Fix: give outputs/<experiment>/<run id>"
-        )
+        print(f"{run_dir} is not a run folder (no params/<experiment>.yaml). Fix: give outputs/<experiment>/<run id>")
         return 2
     run = Run(load_params(params_files[0], check_files=False), run_dir)
     failed = total = 0

@@ -140,7 +140,10 @@ class DockerStageOperator(DockerOperator if DockerOperator is not None else obje
     def execute(self, context: Any) -> Any:
         from docker.errors import APIError, DockerException
 
+        if isinstance(self.command, list):  # the DAG renders natively: run id "20260501" must stay a string
+            self.command = [str(a) for a in self.command]
         try:
+            self.labels = self._remove_earlier_tries(context)
             return super().execute(context)
         except (APIError, DockerException) as e:
             raise RuntimeError(launchers.explain_docker_error(e, self.image, self.docker_url)) from None
@@ -152,6 +155,26 @@ class DockerStageOperator(DockerOperator if DockerOperator is not None else obje
                     )
                 ) from None
             raise
+
+    def _remove_earlier_tries(self, context: Any) -> dict[str, str]:
+        """This task instance's labels; first, remove its containers from earlier tries.
+
+        A try whose task process was killed (SIGKILL, a lost worker) never removed its container, which
+        may still be running and writing to the run folder: the retry removes it before starting its own.
+        Returns the labels the new container gets (how the next try, or an operator, finds it).
+        """
+        ti = context["ti"]
+        mine = {
+            "helical-workflow.dag": ti.dag_id,
+            "helical-workflow.run": str(context["run_id"]),
+            "helical-workflow.task": ti.task_id,
+            "helical-workflow.map-index": str(ti.map_index),
+        }
+        for c in self.cli.containers(all=True, filters={"label": [f"{k}={v}" for k, v in mine.items()]}):
+            name = (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
+            self.log.warning("removing container %s (%s), left by an earlier try of this task", name, c.get("State"))
+            self.cli.remove_container(c["Id"], force=True)
+        return {**mine, "helical-workflow.try": str(ti.try_number)}
 
 
 @functools.cache

@@ -10,6 +10,7 @@ because mapped tasks of one run may write it at the same time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -140,8 +141,11 @@ def atomic(final: Path, *, directory: bool = False) -> Iterator[Path]:
         tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        full = out_of_space(e, final.parent)  # measured before the temporary gives its space back
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if full:
+            raise OutOfSpace(f"{full} Nothing of {final.name} was kept.") from e
         raise
     if directory and final.exists():
         old = final.with_name(f".{final.name}.old-{stamp}")
@@ -150,6 +154,43 @@ def atomic(final: Path, *, directory: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+class OutOfSpace(OSError):
+    """A write failed because the disk (or quota) holding the run folder is full."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def out_of_space(e: BaseException, where: Path) -> str | None:
+    """What to tell the user if ``e`` (from writing under ``where``) means its disk is full, else None.
+
+    ENOSPC/EDQUOT anywhere in the chain, or a failed write (torch's "file write failed", Arrow's, HDF5's)
+    with almost nothing left on that filesystem."""
+    if isinstance(e, OutOfSpace):
+        return str(e)
+    seen: BaseException | None = e
+    hit = False
+    while seen is not None and not hit:
+        hit = isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)
+        seen = seen.__cause__ or seen.__context__
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError:
+        usage = None
+    if not hit:
+        text = str(e).lower()
+        if usage is None or usage.free > 16 * 2**20 or not ("write" in text or "space" in text):
+            return None
+    mib = (f" ({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB)") if usage else ""
+    return (
+        f"No space left on the disk holding {where}{mib}. Fix: free space there, or point outputs_dir "
+        "(or $HELICAL_WORKFLOW_OUTPUTS) at a larger disk, then run the stage again (in Airflow: clear the task)."
+    )
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -459,6 +500,12 @@ class Run:
             a.status = "success"
         except BaseException as e:  # recorded, then re-raised
             a.status, a.error = "failed", f"{type(e).__name__}: {str(e)[-2000:]}"
+            full = out_of_space(e, self.dir)
+            if full and "No space left on the disk" not in str(
+                e
+            ):  # e.g. papermill could not save the notebook: say which disk, and the fix
+                a.error = f"{a.error}\n{full}"
+                raise StageFailed(f"stage '{a.key}' failed: {full}") from e
             raise
         finally:
             a.seconds = time.perf_counter() - t0
