@@ -12,7 +12,9 @@ from helical_workflow import runs
 from helical_workflow.params import load_params
 from helical_workflow.runs import Run
 
-from .conftest import demo_params
+from .conftest import ROOT, demo_params
+
+README = ROOT / "README.md"
 
 
 def test_airflow_run_ids_become_folder_names():
@@ -139,6 +141,8 @@ def test_mlflow_calls_made_while_the_server_is_down_are_kept_then_sent(tmp_path,
     assert "unreachable" in warning and f"helical-workflow mlflow-sync {run.dir}" in warning
 
     with mlflow_server_at(tmp_path / "server", port):
+        # the README's command, as written there
+        assert "`.venv/kernel/bin/helical-workflow mlflow-sync outputs/EXPERIMENT/RUN_ID`" in README.read_text()
         r = cli("mlflow-sync", run.dir, env=workflow_env)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "4 kept call(s) sent" in r.stdout
