@@ -106,6 +106,49 @@ def airflow_home(tmp_path: Path, workflow_env: dict[str, str], params_dir: Path,
     return env
 
 
+def standalone_settings(port: int) -> dict[str, str]:
+    """``airflow standalone`` on ``port`` (API server and execution API), a quick dag-processor, DAGs unpaused:
+    what the tests that run the real scheduler add to :func:`airflow_home`."""
+    return {
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+    }
+
+
+def wait_for(what: str, cond, timeout: float, proc: subprocess.Popen, log: Path, every: float = 1.0):
+    """``cond()``'s first truthy value, polling; fails naming ``what`` (with the server's log) if ``proc`` exits
+    or ``timeout`` seconds pass."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert proc.poll() is None, (
+            f"server exited {proc.returncode} while waiting for {what}: {log.read_text()[-4000:]}"
+        )
+        assert time.time() < deadline, f"no {what} after {timeout:.0f} s: {log.read_text()[-4000:]}"
+        time.sleep(every)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Until ``url`` answers 200."""
+    import urllib.request
+
+    def ok() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait_for(f"{url} healthy", ok, timeout, proc, log)
+
+
 def start_group(cmd, env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
     """A server (Airflow, MLflow, ...) in its own process group, output to ``log``: whatever it starts
     (scheduler, workers, kernels) goes down with it in :func:`stop_group`."""
@@ -145,8 +188,6 @@ def mlflow_server_at(root: Path, port: int | None = None):
     """``mlflow server`` started with the compose service's command line: a SQLite backend store under ``root``
     instead of Postgres, artifacts served from ``root/mlartifacts``, on ``port`` (a free one by default).
     Started again on the same root and port, it is the same server (the test of an MLflow outage does that)."""
-    import time
-    import urllib.request
     from types import SimpleNamespace
 
     port = port or free_port()
@@ -169,17 +210,7 @@ def mlflow_server_at(root: Path, port: int | None = None):
     proc = start_group(cmd, env, log, cwd=root)  # its workers and job runners go down with it
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow server exited {proc.returncode}: {log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"mlflow server not healthy after 180 s: {log.read_text()[-3000:]}"
-            time.sleep(1)
+        wait_healthy(f"{url}/health", proc, log, 180)
         yield SimpleNamespace(url=url, port=port, root=root, artifacts=root / "mlartifacts", log=log, proc=proc)
     finally:
         stop_group(proc, signals=(signal.SIGTERM, signal.SIGKILL))

@@ -23,6 +23,7 @@ from .conftest import (
     JUPYTER_PATH,
     ROOT,
     cli,
+    standalone_settings,
     start_group,
     stop_group,
     trained_demo,
@@ -238,11 +239,7 @@ def test_files_dropped_into_the_watched_folder_are_annotated_under_the_scheduler
         base,
         pdir,
         HELICAL_ANNOTATE_PARAMS=str(pdir / "demo.yaml"),
-        AIRFLOW__API__PORT=str(port),
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{port}/execution/",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
-        AIRFLOW__CORE__PARALLELISM="4",
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        **standalone_settings(port),
         AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2",
     )
     log = tmp_path / "standalone.log"

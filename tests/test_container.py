@@ -130,17 +130,14 @@ def test_a_container_stage_whose_task_is_killed_is_retried_cleanly_under_the_sch
 
     from helical_workflow.runs import safe_run_id
 
-    from .conftest import free_port, start_group, stop_group
+    from .conftest import free_port, standalone_settings, start_group, stop_group, wait_for
 
     port = free_port()
     root, env = _docker_project(
         tmp_path,
         workflow_env,
         f"unix://{podman_socket}",
-        AIRFLOW__API__PORT=str(port),
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{port}/execution/",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        **standalone_settings(port),
     )
     pfile = root / "params" / "demo_docker.yaml"
     raw = yaml.safe_load(pfile.read_text())
@@ -159,14 +156,6 @@ def test_a_container_stage_whose_task_is_killed_is_retried_cleanly_under_the_sch
     log = tmp_path / "standalone.log"
     proc = start_group([airflow, "standalone"], env, log)
 
-    def wait(what, cond, timeout, every=1.0):
-        deadline = time.time() + timeout
-        while not (got := cond()):
-            assert proc.poll() is None, f"standalone exited waiting for {what}: {log.read_text()[-4000:]}"
-            assert time.time() < deadline, f"no {what} after {timeout} s: {log.read_text()[-4000:]}"
-            time.sleep(every)
-        return got
-
     def fine_tune_ti():
         with sqlite3.connect(db) as c:
             q = "select pid, try_number, state from task_instance where dag_id = ? and run_id = ? and task_id = ?"
@@ -174,8 +163,8 @@ def test_a_container_stage_whose_task_is_killed_is_retried_cleanly_under_the_sch
 
     try:
         trigger = [airflow, "dags", "trigger", "helical_demo_docker", "--run-id", run_id]
-        wait("DAG to trigger", lambda: run(trigger, env=env).returncode == 0, 240, every=5)
-        wait("fine_tune checkpoint", lambda: (run_dir / "checkpoints" / "last.pt").exists(), 900)
+        wait_for("DAG to trigger", lambda: run(trigger, env=env).returncode == 0, 240, proc, log, 5)
+        wait_for("fine_tune checkpoint", lambda: (run_dir / "checkpoints" / "last.pt").exists(), 900, proc, log)
         label = f"label=helical-workflow.run={run_id}"
         assert _containers(label).startswith("hw-helical_demo_docker-fine_tune-"), _containers(label)
         pid, tries, state = fine_tune_ti()
@@ -187,7 +176,7 @@ def test_a_container_stage_whose_task_is_killed_is_retried_cleanly_under_the_sch
             s = (r.stdout.strip().splitlines() or [""])[-1]
             return s if s in ("success", "failed") else None
 
-        assert wait("end of the run", final, 1200, every=5) == "success", log.read_text()[-4000:]
+        assert wait_for("end of the run", final, 1200, proc, log, 5) == "success", log.read_text()[-4000:]
         assert fine_tune_ti()[1:] == (2, "success")
         try2 = next((tmp_path / "airflow" / "logs").rglob("task_id=fine_tune/attempt=2.log")).read_text()
         assert "left by an earlier try of this task" in try2, try2[-3000:]

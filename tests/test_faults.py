@@ -17,7 +17,17 @@ from helical_workflow import tokenize as tok
 from helical_workflow.params import load_params
 from helical_workflow.runs import safe_run_id
 
-from .conftest import AIRFLOW_BIN, airflow_home, demo_params, free_port, run, start_group, stop_group
+from .conftest import (
+    AIRFLOW_BIN,
+    airflow_home,
+    demo_params,
+    free_port,
+    run,
+    standalone_settings,
+    start_group,
+    stop_group,
+    wait_for,
+)
 from .test_monitoring import MAPPING, StatsdCapture, statsd_map
 
 pytestmark = pytest.mark.slow
@@ -59,11 +69,7 @@ def test_a_killed_fine_tune_is_retried_and_resumes_from_its_checkpoint(tmp_path,
         tmp_path,
         workflow_env,
         pp.parent,
-        AIRFLOW__API__PORT=str(port),
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{port}/execution/",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
-        AIRFLOW__CORE__PARALLELISM="4",
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        **standalone_settings(port),
         AIRFLOW__METRICS__STATSD_ON="True",
         AIRFLOW__METRICS__STATSD_HOST="127.0.0.1",
         AIRFLOW__METRICS__STATSD_PORT=str(statsd.port),
@@ -152,17 +158,6 @@ def _ti_rows(airflow_db: Path, dag_id: str) -> list[dict]:
         return [dict(r) for r in db.execute(q + " where dag_id = ?", (dag_id,))]
 
 
-def _wait_for(what: str, cond, timeout: float, proc, log: Path, every: float = 1.0):
-    deadline = time.time() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert proc.poll() is None, f"airflow standalone exited while waiting for {what}: {log.read_text()[-4000:]}"
-        assert time.time() < deadline, f"no {what} after {timeout:.0f} s: {log.read_text()[-4000:]}"
-        time.sleep(every)
-
-
 def test_three_runs_at_once_through_an_mlflow_outage_and_a_full_disk(tmp_path, model_cache, workflow_env):
     """Under the scheduler: three runs of the demo at once, with different overrides, fine_tune on a pool of one
     slot. The MLflow server is stopped while the first fine_tune trains and started again: every stage still
@@ -201,11 +196,7 @@ def test_three_runs_at_once_through_an_mlflow_outage_and_a_full_disk(tmp_path, m
         tmp_path,
         {k: v for k, v in workflow_env.items() if k != "HELICAL_WORKFLOW_OUTPUTS"},  # each file's outputs_dir
         pp.parent,
-        AIRFLOW__API__PORT=str(port),
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{port}/execution/",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
-        AIRFLOW__CORE__PARALLELISM="4",
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        **standalone_settings(port),
     )
     airflow = AIRFLOW_BIN / "airflow"
     assert run([airflow, "pools", "set", "gpu", "1", "GPU stages queue here"], env=env).returncode == 0
@@ -221,11 +212,11 @@ def test_three_runs_at_once_through_an_mlflow_outage_and_a_full_disk(tmp_path, m
                 if lr == 0.0005:
                     conf["tracking.pushgateway"] = "127.0.0.1:9"  # nothing listens on the discard port
                 trigger = [airflow, "dags", "trigger", "helical_demo", "--run-id", run_id, "--conf", json.dumps(conf)]
-                _wait_for(f"trigger of {run_id}", lambda t=trigger: run(t, env=env).returncode == 0, 240, proc, log, 5)
+                wait_for(f"trigger of {run_id}", lambda t=trigger: run(t, env=env).returncode == 0, 240, proc, log, 5)
             dirs = {r: outputs / "demo" / safe_run_id(r) for r in lrs}
 
             # the first fine_tune has checkpointed: stop the server until an MLflow call fails and is kept
-            _wait_for(
+            wait_for(
                 "checkpoint",
                 lambda: any((d / "checkpoints" / "last.pt").exists() for d in dirs.values()),
                 600,
@@ -234,7 +225,7 @@ def test_three_runs_at_once_through_an_mlflow_outage_and_a_full_disk(tmp_path, m
             )
             stop_group(server, signals=(signal.SIGTERM, signal.SIGKILL))
         kept = lambda: [d for d in dirs.values() if (d / "mlflow_pending.jsonl").exists()]
-        _wait_for("MLflow call kept while the server is down", kept, 300, proc, log)
+        wait_for("MLflow call kept while the server is down", kept, 300, proc, log)
         with mlflow_server_at(server_root, server_port):
 
             def states():
@@ -243,7 +234,7 @@ def test_three_runs_at_once_through_an_mlflow_outage_and_a_full_disk(tmp_path, m
                 got = {x["run_id"]: x["state"] for x in json.loads(line)}
                 return got if all(got.get(r) in ("success", "failed") for r in lrs) else None
 
-            final = _wait_for("end of the three runs", states, 1200, proc, log, 10)
+            final = wait_for("end of the three runs", states, 1200, proc, log, 10)
             assert final == {r: "success" for r in lrs}, (final, log.read_text()[-4000:])
 
             # the pool admitted one fine_tune at a time; other stages of the three runs did overlap
@@ -291,7 +282,7 @@ def test_three_runs_at_once_through_an_mlflow_outage_and_a_full_disk(tmp_path, m
                 s = (r.stdout.strip().splitlines() or [""])[-1]
                 return s if s in ("success", "failed") else None
 
-            assert _wait_for("end of the full-disk run", full_state, 600, proc, log, 5) == "failed"
+            assert wait_for("end of the full-disk run", full_state, 600, proc, log, 5) == "failed"
             m = json.loads((full_dir / "run.json").read_text())
             assert m["stages"]["tokenize"]["status"] == "success"
             ft = m["stages"]["fine_tune"]

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -23,7 +21,18 @@ from helical_workflow import links
 from helical_workflow.params import load_params
 from helical_workflow.runs import write_json
 
-from .conftest import AIRFLOW_BIN, KERNEL_PY, ROOT, airflow_home, demo_params, free_port, run, start_group, stop_group
+from .conftest import (
+    AIRFLOW_BIN,
+    KERNEL_PY,
+    ROOT,
+    airflow_home,
+    demo_params,
+    free_port,
+    run,
+    start_group,
+    stop_group,
+    wait_healthy,
+)
 
 RUN_ID = "manual__2026-01-01T00:00:00+00:00"
 RUN_DIR = "manual__2026-01-01T00_00_00_00_00"
@@ -122,19 +131,6 @@ def _http(url: str, *, body: dict | None = None, token: str | None = None) -> tu
         return status, text
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while True:
-        try:
-            if _http(url)[0] == 200:
-                return
-        except OSError:
-            pass
-        assert proc.poll() is None, f"{url}: server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-        assert time.time() < deadline, f"{url} not healthy after {seconds:.0f} s:\n{log.read_text()[-3000:]}"
-        time.sleep(1)
-
-
 GET_LINKS = r"""
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
@@ -191,7 +187,7 @@ def test_the_airflow_api_serves_a_stage_tasks_report_and_mlflow_links(tmp_path, 
         (params.parent / "elsewhere.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
         api_port = free_port()
         env = airflow_home(tmp_path, workflow_env, params.parent, AIRFLOW__API__PORT=str(api_port))
-        _wait_healthy(f"{ml_url}/health", procs[0], ml_log, 180)
+        wait_healthy(f"{ml_url}/health", procs[0], ml_log, 180)
 
         # the smallest real run: the load stage (the other tasks are marked successful without running)
         r = run(
@@ -222,7 +218,7 @@ def test_the_airflow_api_serves_a_stage_tasks_report_and_mlflow_links(tmp_path, 
             )
         )
         api = f"http://127.0.0.1:{api_port}"
-        _wait_healthy(f"{api}/api/v2/monitor/health", procs[1], api_log, 240)
+        wait_healthy(f"{api}/api/v2/monitor/health", procs[1], api_log, 240)
         passwords = json.loads((tmp_path / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())
         status, login = _http(f"{api}/auth/token", body={"username": "admin", "password": passwords["admin"]})
         assert status == 201, login
