@@ -176,7 +176,7 @@ def test_three_runs_at_once_through_an_mlflow_outage_and_a_full_disk(tmp_path, m
         tmp_path,
         **common,
         outputs_dir=str(outputs),
-        fine_tune__epochs=2,
+        fine_tune__epochs=1,
         fine_tune__checkpoint_every_steps=4,
         dag__max_active_runs=3,
         stage_profiles={"fine_tune": "cpu-pool"},
@@ -268,7 +268,7 @@ def test_three_runs_at_once_through_an_mlflow_outage_and_a_full_disk(tmp_path, m
                 assert mr.info.status == "FINISHED"
                 assert float(mr.data.params["override.fine_tune.learning_rate"]) == lrs[run_id]
                 steps = client.get_metric_history(mr.info.run_id, "fine_tune.val_macro_f1")
-                assert sorted(s.step for s in steps) == [1, 2], f"{run_id}: epoch metrics lost in the outage"
+                assert sorted(s.step for s in steps) == [1], f"{run_id}: epoch metrics lost in the outage"
                 assert any(k.startswith("evaluate.") for k in mr.data.metrics), sorted(mr.data.metrics)
             assert outage >= 1, "no run saw the MLflow outage"
 
