@@ -124,7 +124,7 @@ def test_a_container_stage_whose_task_is_killed_is_retried_cleanly_under_the_sch
     """`airflow standalone` (scheduler, LocalExecutor) runs the demo in containers. The task process of
     fine_tune is SIGKILLed while its container trains: nothing removes that container then. The retry removes
     it before starting its own, resumes from the checkpoint, and the run ends with no container left. The run
-    id is all digits (a native-rendering DAG must still hand the container the string)."""
+    id reads as a number to Python (a native-rendering DAG must still hand the container the string)."""
     import signal
     import sqlite3
 
@@ -150,7 +150,7 @@ def test_a_container_stage_whose_task_is_killed_is_retried_cleanly_under_the_sch
     (root / "params" / "profiles.yaml").write_text(yaml.safe_dump(profiles))
 
     airflow = AIRFLOW_BIN / "airflow"
-    run_id = "20261130"
+    run_id = "2026_11_30"  # Python reads it as the int 20261130: a native-rendering DAG must not
     run_dir = root / "outputs" / "demo_docker" / safe_run_id(run_id)
     db = tmp_path / "airflow" / "airflow.db"
     log = tmp_path / "standalone.log"

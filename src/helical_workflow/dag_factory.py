@@ -140,8 +140,12 @@ class DockerStageOperator(DockerOperator if DockerOperator is not None else obje
     def execute(self, context: Any) -> Any:
         from docker.errors import APIError, DockerException
 
-        if isinstance(self.command, list):  # the DAG renders natively: run id "20260501" must stay a string
+        if isinstance(self.command, list):
             self.command = [str(a) for a in self.command]
+            if self.command[:1] == ["stage"] and len(self.command) > 2:
+                # `stage STAGE RUN_ID ...`: the run id as Airflow has it. The DAG renders natively, which
+                # would hand the container "20260501" as an int, and "1e5" as 100000.0.
+                self.command[2] = str(context["run_id"])
         try:
             self.labels = self._remove_earlier_tries(context)
             return super().execute(context)
