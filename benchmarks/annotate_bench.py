@@ -117,7 +117,7 @@ def bench_params(cache: Path):
 def make_package(work: Path) -> Path:
     """A fine-tuned-model package for the generated genes: helical's fine-tuning model over tokenize_bench's
     1-layer BERT, its state dict as fine_tuned.pt, then ``registry.build_package``."""
-    from helical_workflow import registry, runs
+    from helical_workflow import files, registry
 
     pkg = work / "package"
     if (pkg / registry.WORKFLOW).is_file():
@@ -140,7 +140,7 @@ def make_package(work: Path) -> Path:
     (model_dir / "model_info.json").write_text(
         json.dumps({"model_name": MODEL, "n_classes": len(LABELS), "source": "annotate_bench (random head)"})
     )
-    with runs.atomic(pkg, directory=True) as tmp:
+    with files.atomic(pkg, directory=True) as tmp:
         registry.build_package(params, model_dir, tmp, validation={})
     return pkg
 

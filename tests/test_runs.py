@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helical_workflow import runs
+from helical_workflow import files, runs
 from helical_workflow.params import load_params
 from helical_workflow.runs import Run
 
@@ -38,9 +38,9 @@ def test_failed_stage_leaves_previous_output_and_no_partial_folder(tmp_path):
 
 
 def test_atomic_file_write_keeps_the_old_file_on_error(tmp_path):
-    target = runs.write_json(tmp_path / "m.json", {"a": 1})
+    target = files.write_json(tmp_path / "m.json", {"a": 1})
     with pytest.raises(OSError):
-        with runs.atomic(target) as tmp:
+        with files.atomic(target) as tmp:
             tmp.write_text("{half")
             raise OSError("disk full")
     assert target.read_text().strip().startswith("{") and '"a": 1' in target.read_text()
@@ -172,7 +172,7 @@ def test_a_full_disk_fails_the_write_with_the_disk_and_the_fix_and_keeps_nothing
     try:
         with runs.stage_output(mnt, "tokenized") as d:
             (d / "small.bin").write_bytes(b"x" * 1000)
-        with pytest.raises(runs.OutOfSpace) as e:
+        with pytest.raises(files.OutOfSpace) as e:
             with runs.stage_output(mnt, "tokenized") as d:
                 with open(d / "big.bin", "wb") as f:
                     for _ in range(4):

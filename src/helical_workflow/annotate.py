@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import data as data_mod
-from . import runs
+from . import files, runs
 from .stages import Shard
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def resolve_model(ref: str, *, tracking_uri: str, cache: Path) -> tuple[Path, di
 
         params = load_params(params_file, check_files=False)
         validation = _validation_of(model_dir)
-        with runs.atomic(dest, directory=True) as tmp:
+        with files.atomic(dest, directory=True) as tmp:
             registry.build_package(params, model_dir, tmp, validation=validation)
     return dest, identity
 
@@ -153,7 +153,7 @@ def resolve_model(ref: str, *, tracking_uri: str, cache: Path) -> tuple[Path, di
 def _folder_identity(ref: str, folder: Path, model_dir: Path) -> dict[str, Any]:
     from . import modeling
 
-    sha = runs.file_sha256(model_dir / modeling.WEIGHTS)[:12]
+    sha = files.file_sha256(model_dir / modeling.WEIGHTS)[:12]
     return {"ref": str(ref), "name": folder.name, "version": f"sha256:{sha}", "alias": None, "key": f"run-{sha}"}
 
 
@@ -218,7 +218,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 def _update(run_dir: Path, **fields: Any) -> dict[str, Any]:
     m = read_manifest(run_dir)
     m.update(fields)
-    runs.write_json(Path(run_dir) / MANIFEST, m)
+    files.write_json(Path(run_dir) / MANIFEST, m)
     return m
 
 
@@ -239,7 +239,7 @@ def prepare(input_path: str | os.PathLike, settings: Settings, *, force: bool = 
         ) from None
     if n_obs == 0:
         raise data_mod.DatasetError(f"{path} has no cells. Fix: check the file; nothing to annotate.")
-    sha = runs.file_sha256(path)
+    sha = files.file_sha256(path)
     cache = annotation_root(settings.outputs) / ".models"
     package, identity = resolve_model(settings.model, tracking_uri=settings.tracking_uri, cache=cache)
     done = find_done(settings.outputs, sha, identity["key"])
@@ -279,11 +279,11 @@ def prepare(input_path: str | os.PathLike, settings: Settings, *, force: bool = 
     if run_dir.exists():  # an earlier failed or forced attempt: start clean
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    runs.write_json(
+    files.write_json(
         run_dir / MANIFEST,
         {
             "status": "running",
-            "started": runs.now_iso(),
+            "started": files.now_iso(),
             "input": str(path),
             "sha256": sha,
             "n_obs": n_obs,
@@ -386,7 +386,7 @@ def annotate_shard(run_dir: Path, shard: Shard | str | None = None) -> dict[str,
             "seconds": time.perf_counter() - t0,
             "device": pm.device,
         }
-        runs.write_json(tmp / "summary.json", summary)
+        files.write_json(tmp / "summary.json", summary)
     shutil.rmtree(tok_dir)  # tokens are cheap to recompute and as large as the input's nonzeros
     return summary
 
@@ -446,8 +446,8 @@ def merge(run_dir: Path) -> dict[str, Any]:
     cols = [data_mod.ObsColumns.NAMES] + ([m["label_key"]] if m.get("label_key") else [])
     counts = np.zeros(len(cats), dtype=np.int64)
     with (
-        runs.atomic(run_dir / EMBEDDINGS) as emb_tmp,
-        runs.atomic(run_dir / PREDICTIONS) as pq_tmp,
+        files.atomic(run_dir / EMBEDDINGS) as emb_tmp,
+        files.atomic(run_dir / PREDICTIONS) as pq_tmp,
         data_mod.ObsColumns(path, cols) as obs,
     ):
         all_emb = _NpyWriter(emb_tmp, (n_obs, dim))
@@ -540,7 +540,7 @@ def _write_annotated(run_dir: Path, src: Path, codes, cats, conf, min_conf: floa
 
     emb_path = run_dir / EMBEDDINGS
     shape = np.load(emb_path, mmap_mode="r").shape
-    with runs.atomic(run_dir / ANNOTATED) as tmp:
+    with files.atomic(run_dir / ANNOTATED) as tmp:
         shutil.copyfile(src, tmp)
         with h5py.File(tmp, "r+") as f:
             obs = f["obs"]
@@ -574,14 +574,14 @@ def finish(run_dir: Path, report: Path | None = None) -> dict[str, Any]:
     shutil.rmtree(Path(run_dir) / "shards", ignore_errors=True)
     shutil.rmtree(Path(run_dir) / "tokenized", ignore_errors=True)
     return _update(
-        run_dir, status="success", finished=runs.now_iso(), report=str(report) if report else None, error=None
+        run_dir, status="success", finished=files.now_iso(), report=str(report) if report else None, error=None
     )
 
 
 def fail(run_dir: Path, error: BaseException | str) -> None:
     """Record a failure: the folder stays, marked failed, and is not taken for a finished annotation."""
     if (Path(run_dir) / MANIFEST).is_file():
-        _update(run_dir, status="failed", finished=runs.now_iso(), error=str(error))
+        _update(run_dir, status="failed", finished=files.now_iso(), error=str(error))
 
 
 def report(run_dir: Path, *, kernel_name: str = "helical-workflow", log_output: bool = False) -> Path:
@@ -607,7 +607,7 @@ def report(run_dir: Path, *, kernel_name: str = "helical-workflow", log_output: 
         cwd=str(run_dir),
     )
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(out_nb, as_version=4))
-    return runs.write_text(run_dir / "reports" / out_nb.with_suffix(".html").name, body)
+    return files.write_text(run_dir / "reports" / out_nb.with_suffix(".html").name, body)
 
 
 def annotate(

@@ -183,7 +183,7 @@ def compare_stage(run: "Run") -> dict[str, Any]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run.update(lambda m: m.update(registry=summary["registry"], winner=summary["winner"]))
     if summary["registry"].get("promoted"):  # what the DAG's docs show as the experiment's champion
-        from .runs import write_json
+        from .files import write_json
 
         champion = {"run": run.run_id, "trial": summary["winner"], "test": summary["test"], **summary["registry"]}
         write_json(params.champion_file, champion)

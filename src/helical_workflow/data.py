@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from . import runs
-from .runs import file_sha256
+from . import files, runs
+from .files import file_sha256
 
 if TYPE_CHECKING:
     from .params import Params
@@ -765,6 +765,6 @@ def make_demo_dataset(out: Path) -> Path:
     obs = src.obs[["bulk_labels", "n_genes", "percent_mito", "n_counts", "phase", "louvain"]].copy()
     var = pd.DataFrame(index=src.raw.var_names.astype(str))
     ad = anndata.AnnData(X=counts, obs=obs, var=var)
-    with runs.atomic(out) as tmp:
+    with files.atomic(out) as tmp:
         ad.write_h5ad(tmp)
     return out

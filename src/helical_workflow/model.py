@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import runs
+from . import files
 
 if TYPE_CHECKING:
     from .params import Params
@@ -130,7 +130,7 @@ def ensure_model_files(params: "Params", run_dir: Path | None = None) -> dict[st
 
 
 def _build_lock(dir_: Path):
-    return runs.file_lock(Path(dir_) / ".build.lock")
+    return files.file_lock(Path(dir_) / ".build.lock")
 
 
 def _local_gene_ids(genes: list[str]) -> dict[str, str]:
@@ -188,7 +188,7 @@ def write_dictionaries(folder: Path, *, token: dict, medians: dict, mapping: dic
     """Geneformer's three dictionaries (token ids, gene medians, Ensembl mapping) in helical's file names."""
     folder = Path(folder)
     for name, obj in zip(DICTIONARIES, (medians, token, mapping), strict=True):
-        with runs.atomic(folder / name) as tmp, open(tmp, "wb") as f:
+        with files.atomic(folder / name) as tmp, open(tmp, "wb") as f:
             pickle.dump(obj, f)
     return folder
 
@@ -230,7 +230,7 @@ def build_local_weights(params: "Params") -> None:
     )
     torch.manual_seed(params.model.seed)
     model = BertForMaskedLM(cfg)
-    with runs.atomic(paths["model_files_dir"], directory=True) as tmp:
+    with files.atomic(paths["model_files_dir"], directory=True) as tmp:
         model.save_pretrained(tmp)
         torch.save({"note": "local tiny Geneformer-shaped model built by helical-workflow"}, tmp / "training_args.bin")
 

@@ -631,7 +631,7 @@ def trigger_form(params: Params) -> dict[str, dict[str, Any]]:
 
 def write_payload(payload: dict[str, Any], folder: Path) -> Path:
     """Write a params payload as ``folder/<experiment>.yaml`` + ``folder/profiles.yaml`` (atomically)."""
-    from .runs import write_text
+    from .files import write_text
 
     folder = Path(folder)
     raw = payload["params"]

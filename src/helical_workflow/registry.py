@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from . import files, modeling, runs
 from . import model as model_mod
-from . import modeling, runs
 
 if TYPE_CHECKING:
     from .params import Params
@@ -620,10 +620,10 @@ def load(model_ref: str, tracking_uri: str, dest: Path | None = None) -> Path:
                 "run_id": mv.run_id,
                 "tags": dict(mv.tags or {}),
                 "tracking_uri": tracking_uri,
-                "downloaded": runs.now_iso(),
+                "downloaded": files.now_iso(),
             }
             (pkg / REGISTERED).write_text(json.dumps(record, indent=2))
-            with runs.atomic(dest, directory=True) as out:
+            with files.atomic(dest, directory=True) as out:
                 out.rmdir()
                 os.replace(pkg, out)
     return dest

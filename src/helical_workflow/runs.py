@@ -10,15 +10,11 @@ because mapped tasks of one run may write it at the same time.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import platform
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import stages
+from .files import atomic, file_lock, now_iso, out_of_space, write_json, write_text
 from .stages import Shard, Stage
 
 if TYPE_CHECKING:
@@ -49,31 +46,6 @@ def safe_run_id(run_id: str) -> str:
 
 def run_dir_for(outputs: Path, experiment: str, run_id: str) -> Path:
     return Path(outputs) / experiment / safe_run_id(run_id)
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    """A file's content hash, read in blocks (datasets of any size; the triggerer's watchers use it too)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(block), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes (fcntl), held for the ``with`` block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _locked(run_dir: Path):
@@ -122,85 +94,6 @@ def package_versions(names: tuple[str, ...] = KERNEL_PACKAGES) -> dict[str, str]
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-@contextlib.contextmanager
-def atomic(final: Path, *, directory: bool = False) -> Iterator[Path]:
-    """Write-then-rename: the one way anything in a run folder is written.
-
-    Yields a fresh temporary path next to ``final`` (a created folder with ``directory``,
-    else a file path to write). On success it replaces ``final`` atomically; on any
-    exception the temporary is removed and the previous ``final`` (if any) is untouched,
-    so nothing half-written ever appears where a reader looks.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
-    tmp = final.with_name(f".{final.name}.tmp-{stamp}")
-    if directory:
-        tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException as e:
-        full = out_of_space(e, final.parent)  # measured before the temporary gives its space back
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        if full:
-            raise OutOfSpace(f"{full} Nothing of {final.name} was kept.") from e
-        raise
-    if directory and final.exists():
-        old = final.with_name(f".{final.name}.old-{stamp}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-class OutOfSpace(OSError):
-    """A write failed because the disk (or quota) holding the run folder is full."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-def out_of_space(e: BaseException, where: Path) -> str | None:
-    """What to tell the user if ``e`` (from writing under ``where``) means its disk is full, else None.
-
-    ENOSPC/EDQUOT anywhere in the chain, or a failed write (torch's "file write failed", Arrow's, HDF5's)
-    with almost nothing left on that filesystem."""
-    if isinstance(e, OutOfSpace):
-        return str(e)
-    seen: BaseException | None = e
-    hit = False
-    while seen is not None and not hit:
-        hit = isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)
-        seen = seen.__cause__ or seen.__context__
-    try:
-        usage = shutil.disk_usage(where)
-    except OSError:
-        usage = None
-    if not hit:
-        text = str(e).lower()
-        if usage is None or usage.free > 16 * 2**20 or not ("write" in text or "space" in text):
-            return None
-    mib = (f" ({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB)") if usage else ""
-    return (
-        f"No space left on the disk holding {where}{mib}. Fix: free space there, or point outputs_dir "
-        "(or $HELICAL_WORKFLOW_OUTPUTS) at a larger disk, then run the stage again (in Airflow: clear the task)."
-    )
-
-
-def write_text(path: Path, text: str) -> Path:
-    with atomic(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def write_json(path: Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def stage_output(run_dir: Path, name: str) -> contextlib.AbstractContextManager[Path]:

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import files, modeling, runs, stages, tracking
 from . import model as model_mod
-from . import modeling, runs, stages, tracking
 from . import tokenize as tok
 from .modeling import autocast_ctx, collate, set_mode
 
@@ -355,14 +355,14 @@ class Checkpoint:
             fingerprint=self.fingerprint,
             cuda_rng=torch.cuda.get_rng_state(dev) if dev.startswith("cuda") else None,
         )
-        with runs.atomic(self.last) as tmp:
+        with files.atomic(self.last) as tmp:
             torch.save(state, tmp)
 
     def save_best(self, model) -> None:
         import torch
 
         if self.setup.main:
-            with runs.atomic(self.best) as tmp:
+            with files.atomic(self.best) as tmp:
                 torch.save(model.state_dict(), tmp)
 
     def restore_best(self, model, best_epoch: int | None) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
-from .runs import file_sha256
+from .files import file_sha256
 
 SUFFIX = ".h5ad"
 

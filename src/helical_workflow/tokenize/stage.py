@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from .. import data as data_mod
+from .. import files, runs
 from .. import model as model_mod
-from .. import runs
 from ..stages import Shard
 from . import read
 from .rank import RankValueTokenizer, TokenizeError, gene_coverage, map_genes, no_genes_error
@@ -127,10 +127,10 @@ def tokenize_stage(params: "Params", run_dir: Path, shard: Shard | None = None) 
         "gene_coverage": cov,
         "labels": label_ids,
     }
-    runs.write_json(out_root / LABELS_FILE, label_ids)
-    with runs.atomic(out_root / "gene_coverage.csv") as tmp:
+    files.write_json(out_root / LABELS_FILE, label_ids)
+    with files.atomic(out_root / "gene_coverage.csv") as tmp:
         cov_table.to_csv(tmp, index=False)
-    runs.write_json(out_root / f"summary.{shard.name}.json", summary)
+    files.write_json(out_root / f"summary.{shard.name}.json", summary)
     return summary
 
 
