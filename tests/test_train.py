@@ -251,3 +251,35 @@ def test_gpu_profile_without_gpu_fails_before_compute(tmp_path, model_cache):
     assert not torch.cuda.is_available()
     with pytest.raises(RuntimeError, match="asks for a GPU .* none is visible. Fix: run on a GPU host or choose a CPU"):
         modeling.device_for(params, "fine_tune")
+
+
+def test_ddp_trains_each_sweep_trial_with_its_own_settings(prepared, tmp_path, workflow_env):
+    """A 2-trial sweep with 2 data-parallel processes (gloo, CPU): each trial's workers train with that trial's
+    learning rate and freeze, as its checkpoint records, not trial 0's (nor the experiment file's)."""
+    import torch
+
+    from helical_workflow.runs import Run
+
+    sweep = {"method": "grid", "grid": {"fine_tune.learning_rate": [0.001, 0.004], "fine_tune.freeze_layers": [1]}}
+    pp, _, rd = fresh(
+        prepared,
+        tmp_path,
+        fine_tune__processes=2,
+        fine_tune__epochs=1,
+        fine_tune__checkpoint_every_steps=2,
+        sweep=sweep,
+    )
+    run = Run.create(pp, run_dir=rd)
+    code = (
+        "import sys; from helical_workflow.runs import Run; from helical_workflow import train; "
+        "t = Run.load(sys.argv[1], trial=int(sys.argv[2])); train.fine_tune_stage(t.params, t.dir)"
+    )
+    for k in range(2):
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(run.dir), str(k)], capture_output=True, text=True, env=workflow_env
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    for k, lr in enumerate((0.001, 0.004)):
+        ck = torch.load(rd / "trials" / str(k) / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+        assert ck["fine_tune"]["learning_rate"] == lr and ck["fine_tune"]["freeze_layers"] == 1, k
+        assert ck["optimizer"]["param_groups"][0]["initial_lr"] == lr, k

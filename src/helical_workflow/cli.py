@@ -110,7 +110,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     """One stage attempt inside the kernel image (what the docker and kubernetes launchers start)."""
     from . import launchers
 
-    a = _explained(launchers.run_stage_from_payload, args.stage, args.run_id, shard=args.shard)
+    a = _explained(launchers.run_stage_in_image, args.stage, args.run_id, args.experiment, shard=args.shard)
     if isinstance(a, int):
         return a
     print(f"{a.key}: {a.status} in {a.seconds:.1f} s")
@@ -172,7 +172,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     """Render the executed notebook to HTML and log it to the run's MLflow run (kernel environment)."""
     from .runs import Attempt, Run
 
-    run = Run(load_params(args.params, check_files=False), Path(args.run_dir))
+    run = Run.load(args.run_dir)
     st = stages.get(args.stage)
     shard = Shard.parse(args.shard, st.shard_kind)
     run.finalize(Attempt(st, shard, run.dir, status=args.status, seconds=args.seconds))
@@ -181,16 +181,14 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 def cmd_mlflow_sync(args: argparse.Namespace) -> int:
     """Send the MLflow calls a run kept while the tracking server was unreachable (its trials' too)."""
-    from .runs import Run
+    from .runs import Run, pinned
     from .tracking import PENDING, MlflowRun
 
     run_dir = Path(args.run_dir).resolve()
-    params_files = sorted((run_dir / "params").glob("*.yaml"))
-    params_files = [f for f in params_files if f.name != "profiles.yaml"]
-    if not params_files:
+    if pinned(run_dir) is None:
         print(f"{run_dir} is not a run folder (no params/<experiment>.yaml). Fix: give outputs/<experiment>/<run id>")
         return 2
-    run = Run(load_params(params_files[0], check_files=False), run_dir)
+    run = Run.load(run_dir)
     failed = total = 0
     for d in [run_dir, *sorted(p.parent for p in run_dir.glob(f"trials/*/{PENDING}"))]:
         ml = MlflowRun.of(run if d == run_dir else Run(run.params, d, root=run))
@@ -376,7 +374,7 @@ def cmd_annotate_step(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="helical-workflow", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="check params files; explain every problem; exit 1 if any is invalid")
     v.add_argument("params", nargs="+")
@@ -396,17 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("stage", help="one stage attempt, params from $HELICAL_PARAMS (the kernel image's command)")
+    # internal commands (the launchers call them): no help entry, so `--help` lists users' commands only
+    s = sub.add_parser("stage", description="one stage attempt of a created run, in the kernel image")
     s.add_argument("stage", choices=stages.names())
     s.add_argument("run_id")
+    s.add_argument("--experiment", required=True, help="the run folder is $HELICAL_WORKFLOW_OUTPUTS/EXPERIMENT/RUN_ID")
     s.add_argument("--shard", default=None, help="I/N: one row shard of a sharded stage")
     s.set_defaults(func=cmd_stage)
 
     de = sub.add_parser("describe", help="model files, versions and GPUs of this environment (the image's default)")
     de.set_defaults(func=cmd_describe)
 
-    f = sub.add_parser("finalize-stage", help=argparse.SUPPRESS)
-    f.add_argument("params")
+    f = sub.add_parser("finalize-stage", description="report and MLflow logging of a stage attempt (kernel env)")
     f.add_argument("run_dir")
     f.add_argument("stage", choices=stages.names())
     f.add_argument("--status", default="success")
@@ -457,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--no-report", action="store_true", help="skip the report notebook")
     an.set_defaults(func=cmd_annotate)
 
-    ast = sub.add_parser("annotate-step", help=argparse.SUPPRESS)
+    ast = sub.add_parser("annotate-step", description="one step of the annotate DAG (kernel environment)")
     ast.add_argument("step", choices=["prepare", "shard", "finish"])
     ast.add_argument("target", help="prepare: the input .h5ad; shard, finish: the annotation folder")
     ast.add_argument("--shard", default=None)

@@ -11,7 +11,12 @@ each task follows the launcher of the stage's resource profile (:mod:`helical_wo
   command and resources.
 
 Every stage task has the extra links "Report" and "MLflow run" (:mod:`helical_workflow.links`),
-computed from the params file, the stage and the run id whatever the launcher.
+computed from the run folder (its pinned params), the stage and the run id whatever the launcher.
+
+The first stage task of a DAG run creates the run (:meth:`Run.create`: the params file and the
+trigger's form and ``conf``, validated once and pinned in the run folder); every later task,
+whatever its launcher, loads the run from ``outputs/<experiment>/<run id>`` and never reads the
+params file again.
 
 An invalid params file still gets its DAG, so the problem is visible in the UI (in the
 DAG's docs); a run of it fails in the first task, at validation, before any compute.
@@ -28,8 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from airflow.providers.papermill.operators.papermill import PapermillOperator
-from airflow.sdk import DAG, BaseOperatorLink
+from airflow.sdk import DAG, BaseOperator, BaseOperatorLink
 
 try:
     from airflow.providers.docker.operators.docker import DockerOperator
@@ -47,17 +51,28 @@ DAG_ID_PREFIX = "helical_"  # DAG id: the prefix and the params file's stem
 class _StageLink(BaseOperatorLink):
     """An extra link of a stage task, computed in the worker when the task ends (:mod:`helical_workflow.links`).
 
-    The operator carries ``params_path`` and ``stage``; ``ti_key`` the run id and map index (shard or trial).
+    The operator carries ``run_root``, ``params_path`` and ``stage``; ``ti_key`` the run id and map index (shard
+    or trial). The run's own params come from its folder; the params file only when the folder is out of reach.
     """
 
     url: Callable[[Params, str, str, int, str], str]  # params, stage, run id, map index, DAG id -> URL ("" for none)
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
-        params_path, stage = getattr(operator, "params_path", None), getattr(operator, "stage", None)
-        if not params_path or not stage:
+        stage = getattr(operator, "stage", None)
+        if not stage:
             return ""
-        params = load_params(params_path, check_files=False)
+        params = _run_params(getattr(operator, "run_root", None), getattr(operator, "params_path", None), ti_key.run_id)
+        if params is None:
+            return ""
         return self.url(params, stage, ti_key.run_id, getattr(ti_key, "map_index", -1), ti_key.dag_id)
+
+
+def _run_params(run_root: str | None, params_path: str | None, run_id: str) -> Params | None:
+    from .runs import Run, pinned, safe_run_id
+
+    if run_root and pinned(Path(run_root) / safe_run_id(run_id)):
+        return Run.load(Path(run_root) / safe_run_id(run_id)).params
+    return load_params(params_path, check_files=False) if params_path else None
 
 
 class ReportLink(_StageLink):
@@ -73,36 +88,54 @@ class MlflowRunLink(_StageLink):
 STAGE_LINKS: tuple[BaseOperatorLink, ...] = (ReportLink(), MlflowRunLink())
 
 
-class StageOperator(PapermillOperator):
-    """Run one workflow stage's notebook with papermill, here (the ``local`` launcher)."""
+class _RunTask:
+    """What every stage operator knows: its stage, the params file its DAG was built from, and where its runs
+    live (``run_root``: ``outputs/<experiment>``). The first stage's task creates the run."""
 
-    template_fields = (*PapermillOperator.template_fields, "params_path")
+    def _stage_fields(self, params_path: str, stage: str, run_root: str) -> None:
+        self.params_path, self.stage, self.run_root = params_path, stage, run_root
+
+    def create_run(self, context: Any) -> None:
+        """The first stage of a container launcher: create the run here, in the worker, before the container (which
+        only loads it) starts."""
+        if not stages.get(self.stage).upstream:
+            launchers.task_run(self.params_path, self.stage, str(context["run_id"]), overrides=run_overrides(context))
+
+
+class StageOperator(_RunTask, BaseOperator):
+    """One workflow stage's notebook, executed here by papermill in the ``helical-workflow`` kernel (the ``local``
+    launcher), as one attempt of the run's stage."""
+
+    template_fields = ("shard",)
     ui_color = "#d7ecff"
     operator_extra_links = STAGE_LINKS
 
-    def __init__(self, *, params_path: str, stage: str, shard: str | None = None, **kwargs: Any) -> None:
-        super().__init__(
-            input_nb=str(launchers.notebook_path(stage)),
-            output_nb=None,
-            kernel_name=launchers.KERNEL_NAME,
-            log_output=True,
-            **kwargs,
-        )
-        self.params_path = params_path
-        self.stage = stage
+    def __init__(
+        self,
+        *,
+        params_path: str,
+        stage: str,
+        run_root: str,
+        shard: str | None = None,
+        kernel_name: str = launchers.KERNEL_NAME,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._stage_fields(params_path, stage, run_root)
         self.shard = shard
+        self.kernel_name = kernel_name
 
     def execute(self, context: Any) -> str:
-        a = launchers.run_stage(
+        a = launchers.run_task(
             self.params_path,
             self.stage,
-            context["run_id"],
+            str(context["run_id"]),
             shard=self.shard,
             overrides=run_overrides(context),
-            kernel_name=self.kernel_name or launchers.KERNEL_NAME,
-            log_output=self.log_output,
+            run_root=self.run_root,
+            kernel_name=self.kernel_name,
         )
-        return str(a.notebook.parent.parent)  # only a path goes to XCom: stages hand over files
+        return str(a.run_dir)  # only a path goes to XCom: stages hand over files
 
 
 def run_overrides(context: Any) -> dict[str, Any]:
@@ -115,37 +148,24 @@ def run_overrides(context: Any) -> dict[str, Any]:
     return {**form, **flatten_overrides(getattr(dag_run, "conf", None) or {})}
 
 
-def _b64json(value: Any) -> str:
-    """Jinja filter: a run's conf for the container launchers' environment (no braces for Jinja to trip on)."""
-    return launchers.encode_payload(dict(value or {}))
-
-
-CONF_TEMPLATE = "{{ dag_run.conf | b64json }}"
-
-
-class DockerStageOperator(DockerOperator if DockerOperator is not None else object):  # type: ignore[misc]
+class DockerStageOperator(_RunTask, DockerOperator if DockerOperator is not None else object):  # type: ignore[misc]
     """A stage in the kernel image through the Docker API (Docker Engine, a socket proxy, or Podman).
 
-    A unique container name per run, task, map index and try; removed whatever the outcome.
-    ``params_path`` and ``stage`` are for the extra links (the container gets its params in its environment).
+    A unique container name per run, task, map index and try; removed whatever the outcome. The container
+    loads its run from the outputs folder (the first stage's task creates the run first, here).
     """
 
     operator_extra_links = STAGE_LINKS
 
-    def __init__(self, *, params_path: str, stage: str, **kwargs: Any) -> None:
+    def __init__(self, *, params_path: str, stage: str, run_root: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.params_path = params_path
-        self.stage = stage
+        self._stage_fields(params_path, stage, run_root)
 
     def execute(self, context: Any) -> Any:
         from docker.errors import APIError, DockerException
 
-        if isinstance(self.command, list):
-            self.command = [str(a) for a in self.command]
-            if self.command[:1] == ["stage"] and len(self.command) > 2:
-                # `stage STAGE RUN_ID ...`: the run id as Airflow has it. The DAG renders natively, which
-                # would hand the container "20260501" as an int, and "1e5" as 100000.0.
-                self.command[2] = str(context["run_id"])
+        self.create_run(context)
+
         try:
             self.labels = self._remove_earlier_tries(context)
             return super().execute(context)
@@ -186,15 +206,19 @@ def _kubernetes_stage_operator() -> type:
     """:class:`KubernetesStageOperator`, built on first use (the cncf-kubernetes provider takes seconds to import)."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-    class KubernetesStageOperator(KubernetesPodOperator):
-        """A stage in the kernel image in a Kubernetes pod; ``params_path`` and ``stage`` are for the extra links."""
+    class KubernetesStageOperator(_RunTask, KubernetesPodOperator):
+        """A stage in the kernel image in a Kubernetes pod, which loads its run from the outputs volume (the first
+        stage's task creates the run first, in the worker, which mounts the same volume)."""
 
         operator_extra_links = STAGE_LINKS
 
-        def __init__(self, *, params_path: str, stage: str, **kwargs: Any) -> None:
+        def __init__(self, *, params_path: str, stage: str, run_root: str, **kwargs: Any) -> None:
             super().__init__(**kwargs)
-            self.params_path = params_path
-            self.stage = stage
+            self._stage_fields(params_path, stage, run_root)
+
+        def execute(self, context: Any) -> Any:
+            self.create_run(context)
+            return super().execute(context)
 
     KubernetesStageOperator.__module__ = __name__
     KubernetesStageOperator.__qualname__ = "KubernetesStageOperator"
@@ -217,17 +241,17 @@ def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str,
     """The task of a stage (mapped over its shards), by the launcher of its resource profile."""
     shards: list[Shard | None] = stage.shards(params)
     launcher = params.profile_for(stage.name).launcher if params else "local"
+    run_root = str(params.outputs_path / params.experiment) if params else ""
+    fields = {"params_path": str(path), "stage": stage.name, "run_root": run_root}
     if launcher == "local":  # papermill here; the shard goes to the notebook's parameters
-        cls, kw, field = StageOperator, {"params_path": str(path), "stage": stage.name}, "shard"
+        cls, kw, field = StageOperator, dict(fields), "shard"
         per_task: list[Any] = [None if s is None else str(s) for s in shards]
     else:  # the kernel image's `helical-workflow stage`; the shard goes on its command line
-        specs = [
-            launchers.ContainerSpec.for_stage(params, stage.name, s, "{{ run_id }}", conf=CONF_TEMPLATE) for s in shards
-        ]
+        specs = [launchers.ContainerSpec.for_stage(params, stage.name, s, "{{ run_id }}") for s in shards]
         if launcher == "docker":
             cls, field = DockerStageOperator, "command"
             kw = {k: v for k, v in specs[0].docker_kwargs().items() if k != "command"}
-            kw.update(params_path=str(path), stage=stage.name)
+            kw.update(fields)
             kw.update(
                 container_name=CONTAINER_NAME,
                 docker_url=launchers.docker_url(),
@@ -239,17 +263,14 @@ def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str,
             cls, field = _kubernetes_stage_operator(), "arguments"
             kw = {k: v for k, v in specs[0].pod_kwargs().items() if k != "arguments"}
             profile = params.profile_for(stage.name)
+            kw.update(fields)
             kw.update(
-                params_path=str(path),
-                stage=stage.name,
                 name=f"hw-{stage.name.replace('_', '-')}",
                 namespace=os.environ.get("HELICAL_K8S_NAMESPACE", "default"),
                 node_selector=dict(profile.node_selector) or None,
                 tolerations=[_toleration(t) for t in profile.tolerations] or None,
                 on_finish_action="delete_pod",
                 get_logs=True,
-                # the DAG renders natively; a pod's args and env values must stay strings (run id "20260501")
-                render_template_as_native_obj=False,
                 # the provider's 120 s are too short to scale up a GPU node or pull the kernel image (GBs)
                 schedule_timeout_seconds=1800,
                 startup_timeout_seconds=1800,
@@ -260,10 +281,12 @@ def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str,
     return cls(**kw, **common, **{field: per_task[0]})
 
 
-def _toleration(t: dict[str, str]):
+def _toleration(t: dict[str, Any]):
+    """A profile's toleration, as in a pod spec (``tolerationSeconds``) or in Python (``toleration_seconds``)."""
     from kubernetes.client import models as k8s
 
-    return k8s.V1Toleration(**t)
+    by_json = {v: k for k, v in k8s.V1Toleration.attribute_map.items()}
+    return k8s.V1Toleration(**{by_json.get(k, k): v for k, v in t.items()})
 
 
 def _dag_section(path: Path) -> tuple[dict[str, Any] | None, bool]:
@@ -350,7 +373,6 @@ def build_dag(path: Path) -> DAG | None:
         doc_md=doc,
         params=_form(params),
         render_template_as_native_obj=True,
-        user_defined_filters={"b64json": _b64json},
         default_args={"owner": "helical-workflow"},
     )
     tasks: dict[str, Any] = {}
@@ -362,6 +384,8 @@ def build_dag(path: Path) -> DAG | None:
             retries=profile.retries if profile else 0,
             retry_delay=timedelta(seconds=30),
             doc_md=stage.description or None,
+            # command lines, pod args and env values stay strings: a run id "2026_11_30" must not become an int
+            render_template_as_native_obj=False,
         )
         if profile and profile.pool:
             common["pool"] = profile.pool  # GPU trials queue on the pool instead of fighting over memory

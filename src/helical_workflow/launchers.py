@@ -7,11 +7,12 @@ A stage's resource profile names its launcher:
   (Docker Engine, a socket proxy, or Podman's compatible service);
 * ``kubernetes``: the same command in a pod (Airflow's KubernetesPodOperator).
 
-Every launcher hands the stage its parameters the same way: the run's resolved params
-(:meth:`Params.payload`, paths as the stage will see them) in the environment variable
-``HELICAL_PARAMS``. The stage writes them into its run folder (``params/``), and the
-notebooks read them from there. A container launcher ends in :func:`run_stage` inside
-the image, so a stage attempt is recorded the same way wherever it runs.
+A run is created once, by its first stage task (:func:`task_run`), which validates the params file
+and the trigger's overrides and pins them in the run folder (``params/``). Every later stage,
+wherever it runs, loads the run from its folder: a container gets only the run id and the
+experiment on its command line, and ``$HELICAL_PATH_MAP`` (where the host's data and outputs
+folders are mounted). A container launcher ends in :func:`run_stage` inside the image, so a
+stage attempt is recorded the same way wherever it runs.
 
 Light (papermill, pydantic, prometheus-client, docker SDK on demand): the Airflow worker
 imports it; the heavy work happens in the kernel that papermill starts.
@@ -19,28 +20,34 @@ imports it; the heavy work happens in the kernel that papermill starts.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import stages
-from .params import Params, apply_overrides, load_params, params_from_payload
-from .runs import Attempt, Run, StageFailed, run_dir_for
+from .params import Params
+from .runs import (
+    PATH_MAP_ENV,
+    Attempt,
+    Run,
+    StageFailed,
+    StageNotReady,
+    pinned,
+    safe_run_id,
+    shared_storage_hint,
+)
 from .stages import Shard
 
 log = logging.getLogger(__name__)
 
 KERNEL_NAME = "helical-workflow"
 KERNEL_IMAGE_ENV = "HELICAL_KERNEL_IMAGE"
-PARAMS_ENV = "HELICAL_PARAMS"
-CONF_ENV = "HELICAL_CONF"  # a trigger's conf (overrides), base64 JSON: templated by Airflow per run
+OUTPUTS_ENV = "HELICAL_WORKFLOW_OUTPUTS"
 IN_IMAGE_ROOT = "/opt/helical-workflow"
 
 
@@ -77,21 +84,57 @@ def kernel_python(kernel_name: str = KERNEL_NAME) -> str:
 # ------------------------------------------------------------------ local ----------
 
 
-def run_stage(
-    params: Params | str | os.PathLike,
+def task_run(
+    params_path: str | os.PathLike,
+    stage: str,
+    run_id: str,
+    *,
+    overrides: dict[str, Any] | None = None,
+    run_root: str | os.PathLike | None = None,
+) -> Run:
+    """The run a stage task works in. The first stage (no upstream) creates it from the params file and the
+    trigger's ``overrides``, validated once and pinned in the run folder; every later stage loads the run from
+    ``run_root/<run id>`` (``outputs/<experiment>``) and never reads the params file again."""
+    if not stages.get(stage).upstream:
+        return Run.create(params_path, run_id, overrides=overrides)
+    if run_root is None:
+        raise ValueError(f"stage '{stage}' loads its run: it needs run_root (outputs/<experiment>)")
+    run_dir = Path(run_root) / safe_run_id(run_id)
+    if pinned(run_dir) is None:  # the first task created it elsewhere, or has not run
+        first = stages.STAGES[0].name
+        raise StageNotReady(
+            f"stage '{stage}' needs '{first}' to have succeeded in {run_dir}, which created the run; this machine "
+            f"sees no run there. {shared_storage_hint(run_dir, first)}"
+        )
+    return Run.load(run_dir)
+
+
+def run_task(
+    params_path: str | os.PathLike,
     stage: str,
     run_id: str,
     *,
     shard: Shard | str | None = None,
     overrides: dict[str, Any] | None = None,
+    run_root: str | os.PathLike | None = None,
     kernel_name: str = KERNEL_NAME,
     log_output: bool = True,
 ) -> Attempt:
-    """One attempt of a stage (or one shard of it), here: papermill in the kernel, inside ``Run.attempt``.
+    """What a local stage task runs: its run (:func:`task_run`), then the stage here (:func:`run_stage`)."""
+    run = task_run(params_path, stage, run_id, overrides=overrides, run_root=run_root)
+    return run_stage(run, stage, shard=shard, kernel_name=kernel_name, log_output=log_output)
 
-    ``overrides`` (a trigger's conf, ``--set``) are merged over the params and validated before anything runs.
-    """
-    run = Run.open(params, run_id, overrides=overrides)
+
+def run_stage(
+    run: Run,
+    stage: str,
+    *,
+    shard: Shard | str | None = None,
+    kernel_name: str = KERNEL_NAME,
+    log_output: bool = True,
+) -> Attempt:
+    """One attempt of a stage (or one shard of it) of a created run, here: papermill in the kernel, inside
+    ``Run.attempt``."""
     finalize = None if _has_kernel_libraries() else _finalize_in_kernel(run, kernel_name)
     with run.attempt(stage, shard, finalize=finalize) as a:
         _papermill(run, a, kernel_name=kernel_name, log_output=log_output)
@@ -141,7 +184,7 @@ def _finalize_in_kernel(run: Run, kernel_name: str):
     """The Airflow worker has no MLflow: finalising (report, MLflow) runs in the kernel environment."""
 
     def finalize(a: Attempt) -> None:
-        args = ["finalize-stage", str(run.params_file), str(run.dir), a.stage.name]
+        args = ["finalize-stage", str(run.dir), a.stage.name]
         args += ["--status", a.status, "--seconds", f"{a.seconds:.3f}"]
         if a.shard is not None:
             args += ["--shard", str(a.shard)]
@@ -160,32 +203,13 @@ def kernel_image() -> str:
     return os.environ.get(KERNEL_IMAGE_ENV, "helical-workflow-kernels:latest")
 
 
-def encode_payload(payload: dict[str, Any]) -> str:
-    return base64.b64encode(json.dumps(payload).encode()).decode()
-
-
-def decode_payload(text: str) -> dict[str, Any]:
-    try:
-        return json.loads(base64.b64decode(text.encode()))
-    except ValueError as e:
-        raise ValueError(
-            f"${PARAMS_ENV} is not a params payload ({e}). Fix: start stages through a launcher."
-        ) from None
-
-
-def in_image(params: Params) -> dict[str, Any]:
-    """The params payload with paths as a container sees them: data and outputs under IN_IMAGE_ROOT."""
-    payload = params.payload()
-    p = payload["params"]
-    p["data"]["path"] = f"{IN_IMAGE_ROOT}/data/{params.data_path.name}"
-    p["outputs_dir"] = f"{IN_IMAGE_ROOT}/outputs"
-    cache = p["model"].get("cache_dir")
-    if cache:  # a model cache under the outputs folder travels with it; anything else: the image's baked models
-        try:
-            p["model"]["cache_dir"] = f"{IN_IMAGE_ROOT}/outputs/{Path(cache).relative_to(params.outputs_path)}"
-        except ValueError:
-            p["model"]["cache_dir"] = None
-    return payload
+def path_map(params: Params) -> list[tuple[str, str]]:
+    """Where a container sees the host's folders (``$HELICAL_PATH_MAP``): the dataset's folder and the outputs
+    folder, as recorded in the run's params, under IN_IMAGE_ROOT."""
+    return [
+        (str(params.data_path.parent), f"{IN_IMAGE_ROOT}/data"),
+        (str(params.outputs_path), f"{IN_IMAGE_ROOT}/outputs"),
+    ]
 
 
 def _memory_docker(text: str) -> str:
@@ -214,15 +238,12 @@ class ContainerSpec:
     user: str = field(default_factory=lambda: os.environ.get("HELICAL_CONTAINER_USER", "1000"))
 
     @classmethod
-    def for_stage(
-        cls, params: Params, stage: str, shard: Shard | str | None, run_id: str, conf: str | None = None
-    ) -> "ContainerSpec":
-        """``conf``: the run's overrides as base64 JSON (Airflow passes a template of its ``dag_run.conf``)."""
+    def for_stage(cls, params: Params, stage: str, shard: Shard | str | None, run_id: str) -> "ContainerSpec":
+        """The container of one stage task of a run of ``params``: it loads the run from the outputs folder."""
         profile = params.profile_for(stage)
-        command = ["stage", stage, run_id] + (["--shard", str(shard)] if shard is not None else [])
-        env = {PARAMS_ENV: encode_payload(in_image(params)), "HELICAL_WORKFLOW_OUTPUTS": f"{IN_IMAGE_ROOT}/outputs"}
-        if conf:
-            env[CONF_ENV] = conf
+        command = ["stage", stage, run_id, "--experiment", params.experiment]
+        command += ["--shard", str(shard)] if shard is not None else []
+        env = {OUTPUTS_ENV: f"{IN_IMAGE_ROOT}/outputs", PATH_MAP_ENV: json.dumps(path_map(params))}
         for k in ("HELICAL_PUSHGATEWAY", "MLFLOW_TRACKING_URI"):
             if os.environ.get(k):
                 env[k] = os.environ[k]
@@ -351,18 +372,18 @@ def docker_url() -> str:
 
 
 def container_name(params: Params, stage: str, shard: Shard | None, run_id: str) -> str:
-    from .runs import safe_run_id
-
     part = f"-{shard.i}" if shard is not None else ""
     return f"hw-{params.experiment}-{stage}{part}-{safe_run_id(run_id)}-{os.getpid()}".replace(".", "")[:250]
 
 
-def run_in_docker(params: Params, stage: str, run_id: str, *, shard: Shard | str | None = None) -> None:
-    """A stage in the kernel image through the Docker SDK, without Airflow; the container is always removed."""
+def run_in_docker(run: Run, stage: str, *, shard: Shard | str | None = None) -> None:
+    """A stage of a created run in the kernel image through the Docker SDK, without Airflow; the container is
+    always removed."""
     import docker
     from docker.errors import DockerException
 
-    shard = Shard.parse(shard)
+    params, run_id = run.params, run.run_id
+    shard = Shard.parse(shard, stages.get(stage).shard_kind)
     spec = ContainerSpec.for_stage(params, stage, shard, run_id)
     name = container_name(params, stage, shard, run_id)
     container = None
@@ -388,39 +409,41 @@ def run_in_docker(params: Params, stage: str, run_id: str, *, shard: Shard | str
         )
 
 
-def run_stage_from_payload(stage: str, run_id: str, *, shard: str | None = None, payload: str | None = None) -> Attempt:
-    """The kernel image's ``stage`` command: params from ``$HELICAL_PARAMS``, then :func:`run_stage`."""
-    text = payload or os.environ.get(PARAMS_ENV)
-    if not text:
+def run_stage_in_image(stage: str, run_id: str, experiment: str, *, shard: str | None = None) -> Attempt:
+    """The kernel image's ``stage`` command: load the run from the mounted outputs folder, then :func:`run_stage`."""
+    outputs = os.environ.get(OUTPUTS_ENV)
+    if not outputs:
         raise StageFailed(
-            f"no params: ${PARAMS_ENV} is not set. Fix: start stages through a launcher "
-            "(Airflow, or `helical-workflow run`)."
+            f"${OUTPUTS_ENV} is not set: the container does not know where the run folders are mounted. Fix: start "
+            "stages through a launcher (Airflow, or `helical-workflow run`)."
         )
-    conf = decode_payload(os.environ[CONF_ENV]) if os.environ.get(CONF_ENV) else None
-    with tempfile.TemporaryDirectory(prefix="hw-params-") as d:
-        params = params_from_payload(decode_payload(text), Path(d) / "params")
-        return run_stage(params, stage, run_id, shard=shard, overrides=conf)
+    try:
+        run = Run.load(Path(outputs) / experiment / safe_run_id(run_id))
+    except FileNotFoundError as e:
+        raise StageFailed(str(e)) from None
+    return run_stage(run, stage, shard=shard)
 
 
 # --------------------------------------------------------------- workflow ----------
 
 
 def launch(
-    params: Params,
+    run: Run,
     stage: str,
-    run_id: str,
     *,
     shard: Shard | None = None,
     kernel_name: str = KERNEL_NAME,
     log_output: bool = True,
 ) -> None:
-    """One stage attempt by the launcher of the stage's resource profile (``helical-workflow run``)."""
-    launcher = params.profile_for(stage).launcher
+    """One stage attempt of a created run by the launcher of the stage's resource profile (``helical-workflow
+    run``)."""
+    launcher = run.params.profile_for(stage).launcher
     if launcher == "local":
-        run_stage(params, stage, run_id, shard=shard, kernel_name=kernel_name, log_output=log_output)
+        run_stage(run, stage, shard=shard, kernel_name=kernel_name, log_output=log_output)
     elif launcher == "docker":
-        run_in_docker(params, stage, run_id, shard=shard)
+        run_in_docker(run, stage, shard=shard)
     else:
+        params = run.params
         raise StageFailed(
             f"stage '{stage}' uses profile '{params.stage_profiles.get(stage, params.profile)}' with the kubernetes "
             "launcher: pods are started by Airflow's KubernetesPodOperator, not from a shell. Fix: trigger the DAG, "
@@ -438,23 +461,23 @@ def run_workflow(
 ) -> Run:
     """Every stage in table order (shards one after another), each by its profile's launcher.
 
-    The params file and ``overrides`` are validated once, before any stage starts.
+    The run is created first: the params file and ``overrides`` are validated once, before any stage starts,
+    and pinned in the run folder, which every stage then reads.
     """
-    params = apply_overrides(load_params(params_path), overrides)
+    run = Run.create(params_path, run_id, overrides=overrides)
     failed: dict[int, str] = {}  # trial -> why; its later stages are skipped, the other trials go on
     for st in stages.STAGES:
         if only and st.name not in only:
             continue
-        for shard in st.shards(params):
+        for shard in st.shards(run.params):
             if shard is not None and shard.kind == "trial" and shard.i in failed:
                 continue
             try:
-                launch(params, st.name, run_id, shard=shard, **kw)
+                launch(run, st.name, shard=shard, **kw)
             except StageFailed as e:
                 if shard is None or shard.kind != "trial":
                     raise
                 failed[shard.i] = f"{st.key(shard)}: {str(e).splitlines()[0]}"
     if failed:
         raise StageFailed(f"{len(failed)} trial(s) failed (the others ran): " + "; ".join(failed.values()))
-    # not created up front: a container stage (uid 1000) must be able to create the run folder itself
-    return Run(params, run_dir_for(params.outputs_path, params.experiment, run_id), run_id)
+    return run

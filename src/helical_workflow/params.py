@@ -12,6 +12,8 @@ Airflow worker import it.
 from __future__ import annotations
 
 import difflib
+import itertools
+import math
 import os
 from collections.abc import Mapping
 from datetime import date
@@ -201,6 +203,55 @@ class SweepParams(_Strict):
                 )
         return self
 
+    # --- the trials (deterministic for a seed; numpy/scipy imported only to sample) ---------------------
+    def count(self) -> int:
+        if self.method == "grid":
+            return math.prod(len(v) for v in self.grid.values())
+        return int(self.trials or 1)
+
+    def varied(self) -> list[str]:
+        """The fields the trials vary."""
+        return list(self.grid or self.space)
+
+    def expand(self) -> list[dict[str, Any]]:
+        """The overrides of each trial (``{"fine_tune.learning_rate": 3e-4, ...}``), trial 0 first.
+
+        * ``grid``: every combination of the listed values, in the order the fields are written;
+        * ``random``: ``trials`` independent draws from ``space`` (uniform, or log-uniform for ``log_scale``);
+        * ``lhs``: a Latin hypercube of ``trials`` points over ``space`` (scipy's ``qmc``), which covers every
+          range evenly with few trials.
+        """
+        if self.method == "grid":
+            keys = list(self.grid)
+            return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self.grid[k] for k in keys))]
+        keys = list(self.space)
+        if self.method == "lhs":
+            from scipy.stats import qmc
+
+            unit = qmc.LatinHypercube(d=len(keys), seed=self.seed).random(self.trials)
+        else:
+            import numpy as np
+
+            unit = np.random.default_rng(self.seed).random((self.trials, len(keys)))
+        out = []
+        for row in unit:
+            trial = {}
+            for key, u in zip(keys, row, strict=True):
+                lo, hi = self.space[key]
+                if key in self.log_scale:
+                    value = math.exp(math.log(lo) + float(u) * (math.log(hi) - math.log(lo)))
+                else:
+                    value = lo + float(u) * (hi - lo)
+                trial[key] = round(value) if _is_int_field(key) else float(f"{value:.4g}")
+            out.append(trial)
+        return out
+
+
+def _is_int_field(dotted: str) -> bool:
+    """Whether a fine_tune field is an integer (epochs, freeze_layers, ...): its samples are rounded."""
+    ann = FineTuneParams.model_fields[dotted.split(".", 1)[1]].annotation
+    return ann is int or int in getattr(ann, "__args__", ())
+
 
 class RegistryParams(_Strict):
     promote: Literal["always", "if_better", "never"] = Field(
@@ -275,7 +326,7 @@ class Profile(_Strict):
     pool: str | None = None
     queue: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")  # CeleryExecutor: the workers serving it
     node_selector: dict[str, str] = {}
-    tolerations: list[dict[str, str]] = []
+    tolerations: list[dict[str, str | int]] = []  # as in a pod spec: key, operator, value, effect, tolerationSeconds
 
     @model_validator(mode="after")
     def _gpu_consistent(self) -> "Profile":
@@ -386,7 +437,7 @@ class Params(_Strict):
         return d
 
     def payload(self) -> dict[str, Any]:
-        """Everything a stage needs to rebuild these params elsewhere (see :func:`params_from_payload`)."""
+        """The params file's content (absolute paths), its profiles and the overrides: what :meth:`save` writes."""
         profiles = {k: p.model_dump(mode="json") for k, p in self.profiles.items()}
         return {"params": self.resolved(), "profiles": profiles, "overrides": dict(self.overrides)}
 
@@ -641,20 +692,12 @@ def write_payload(payload: dict[str, Any], folder: Path) -> Path:
     return path
 
 
-def params_from_payload(payload: dict[str, Any], folder: Path, *, check_files: bool = True) -> Params:
-    """Params rebuilt from :meth:`Params.payload` (what the container launchers pass), validated."""
-    params = load_params(write_payload(payload, folder), check_files=check_files)
-    return params.model_copy(update={"overrides": dict(payload.get("overrides") or {})})
-
-
 def _trial_problems(params: Params) -> list[str]:
     """Every trial of a sweep is validated with the file: a bad value fails before any compute."""
     if params.sweep is None:
         return []
-    from .sweep import trials
-
     problems: list[str] = []
-    for k, overrides in enumerate(trials(params)):
+    for k, overrides in enumerate(params.sweep.expand()):
         try:
             apply_overrides(params, overrides)
         except ParamsError as e:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST = "run.json"
+PARAMS_DIR = "params"  # the run's own params: pinned when the run is created
 SUBDIRS = ("notebooks", "reports", "metrics")
 
 
@@ -50,6 +51,33 @@ def run_dir_for(outputs: Path, experiment: str, run_id: str) -> Path:
 
 def _locked(run_dir: Path):
     return file_lock(Path(run_dir) / ".run.lock")
+
+
+def _read_pinned(run_dir: Path) -> "Params":
+    """The params a run (or trial) folder was created with, as this process sees their paths."""
+    from .params import load_params
+
+    path = pinned(run_dir)
+    if path is None:
+        raise FileNotFoundError(
+            f"{run_dir} is not a created run: it has no {PARAMS_DIR}/<experiment>.yaml. Fix: start the run from its "
+            "first stage (Airflow's first task, `helical-workflow run`, or notebook 01 with params_path), which "
+            "creates it."
+        )
+    params = load_params(path, check_files=False)
+    overrides = read_manifest(run_dir).get("overrides") or {}
+    if isinstance(overrides, dict):
+        params = params.model_copy(update={"overrides": overrides})
+    return _mapped(params)
+
+
+def _share_with_containers(run_dir: Path) -> None:
+    """Container stages run as another user (the image's, uid 1000): let them write the run folder's parts."""
+    for p in [run_dir, *run_dir.rglob("*")]:
+        try:
+            os.chmod(p, 0o777 if p.is_dir() else 0o666)
+        except OSError:
+            pass
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -175,14 +203,54 @@ class Attempt:
         return self.run_dir / "notebooks" / self.stage.notebook_name(self.shard)
 
 
+PATH_MAP_ENV = "HELICAL_PATH_MAP"  # JSON [[host prefix, prefix here], ...]: a container's view of the run's paths
+
+
+def pinned(run_dir: Path) -> Path | None:
+    """The run's own params file (``params/<experiment>.yaml``), if the run was created; else None."""
+    found = [p for p in sorted((Path(run_dir) / PARAMS_DIR).glob("*.yaml")) if p.name != "profiles.yaml"]
+    return found[0] if found else None
+
+
+def _path_map() -> list[tuple[str, str]]:
+    text = os.environ.get(PATH_MAP_ENV, "").strip()
+    return [(str(a), str(b)) for a, b in json.loads(text)] if text else []
+
+
+def _mapped(params: "Params") -> "Params":
+    """Params as this process sees their paths: inside a container, the host's data, outputs and model cache
+    folders are mounted elsewhere (``$HELICAL_PATH_MAP``, set by the container launchers). A model cache outside
+    the mounts is not visible: the image's baked models are used."""
+    mapping = _path_map()
+    if not mapping:
+        return params
+
+    def here(path: str | None) -> str | None:
+        if not path:
+            return path
+        for host, local in mapping:
+            if path == host or path.startswith(host.rstrip("/") + "/"):
+                return local + path[len(host.rstrip("/")) :]
+        return None
+
+    data = params.data.model_copy(update={"path": here(str(params.data_path)) or params.data.path})
+    model = params.model.model_copy(update={"cache_dir": here(params.model.cache_dir)})
+    outputs = here(str(params.outputs_path)) or params.outputs_dir
+    return params.model_copy(update={"data": data, "model": model, "outputs_dir": outputs})
+
+
 class Run:
     """One workflow run: its folder, its ``run.json`` manifest, its params and its MLflow run.
 
-    ``Run.open`` creates the folder (idempotent: a retry keeps what is there) and writes the
-    run's resolved params into ``params/`` inside it, so every launcher and every notebook
-    reads the same parameters. Stages go through :meth:`attempt` (launcher side: status,
-    timings, errors, status metrics, report, MLflow) and :meth:`work` (notebook side: the
-    stage's own metrics).
+    A run is **created once** (:meth:`create`: by the first stage task of a DAG run, or by
+    ``helical-workflow run``), which validates the params file and the run's overrides once and pins the
+    result in the run folder: ``params/`` (and ``trials/<k>/params/`` for each sweep trial). Everything
+    after that **loads** the run (:meth:`load`): later tasks, notebooks, containers, DDP workers,
+    finalisation and the Airflow links. Nothing re-reads the experiment file, so editing it while a run is
+    under way changes nothing in that run.
+
+    Stages go through :meth:`attempt` (launcher side: status, timings, errors, status metrics, report,
+    MLflow) and :meth:`work` (notebook side: the stage's own metrics).
     """
 
     def __init__(
@@ -200,32 +268,9 @@ class Run:
         self.root = root or self  # a sweep trial's run folder lives inside the run's: trials/<k>/
         self.trial = trial
 
-    def for_trial(self, trial: "Shard | str") -> "Run":
-        """A sweep trial: its folder ``trials/<k>/`` (``model/``, ``checkpoints/``, ``evaluate/``), its params
-        (the trial's overrides merged), an MLflow child run; the run's ``load/`` and ``tokenized/`` are linked."""
-        from .params import apply_overrides
-        from .sweep import trials
-
-        trial = Shard.parse(trial, "trial")
-        assert trial is not None
-        params = apply_overrides(self.params, trials(self.params)[trial.i])
-        d = self.dir / "trials" / str(trial.i)
-        d.mkdir(parents=True, exist_ok=True)
-        for st in stages.STAGES:  # what the trials share: outputs of the stages before them
-            link = d / st.output
-            if st.sharding != "trials" and (self.dir / st.output).is_dir() and not link.exists():
-                link.symlink_to(Path("..") / ".." / st.output)
-
-        def change(m: dict[str, Any]) -> None:
-            m.update(parent=str(self.dir), trial=trial.i, run_id=self.run_id, experiment=params.experiment)
-            m["overrides"] = trials(self.params)[trial.i]
-            m["params"] = params.snapshot()
-
-        update_manifest(d, change)
-        return Run(params, d, self.run_id, root=self, trial=trial)
-
+    # --- created once, then loaded -------------------------------------------------
     @classmethod
-    def open(
+    def create(
         cls,
         params: "Params | str | os.PathLike",
         run_id: str | None = None,
@@ -233,36 +278,110 @@ class Run:
         run_dir: Path | str | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> "Run":
-        """The run (created if new) of a params file or object, with ``overrides`` merged and validated."""
+        """Create the run of a params file (or object) with ``overrides`` merged, validated once, and pinned in
+        its folder. A run folder that already has its params (the first task's retry) is loaded as created."""
         from .params import Params, apply_overrides, load_params
 
+        if run_dir is not None and pinned(run_dir):
+            return cls.load(run_dir)
         if not isinstance(params, Params):
             params = load_params(params)
         params = apply_overrides(params, overrides)
         if run_dir is None:
             if run_id is None:
-                raise ValueError("Run.open needs a run_id or a run_dir")
+                raise ValueError("Run.create needs a run_id or a run_dir")
             run_dir = run_dir_for(params.outputs_path, params.experiment, run_id)
-        run = cls(params, Path(run_dir), run_id)
-        run._create()
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # two first tasks at once (a retry racing a zombie): one creates, one loads (a lock of its own: pinning
+        # takes the manifest's lock)
+        with file_lock(run_dir / ".create.lock"):
+            if pinned(run_dir):
+                return cls.load(run_dir)
+            run = cls(params, run_dir, run_id)
+            run._pin()
         return run
 
-    def _create(self) -> None:
+    @classmethod
+    def load(cls, run_dir: Path | str, trial: "Shard | str | int | None" = None) -> "Run":
+        """A created run (or one sweep trial of it), from the run folder's own params."""
+        run_dir = Path(run_dir)
+        params = _read_pinned(run_dir)
+        m = read_manifest(run_dir)
+        run = cls(params, run_dir, m.get("run_id"))
+        if trial is None:
+            return run
+        if isinstance(trial, int):
+            trial = Shard(trial, run.trial_count(), "trial")
+        return run.for_trial(trial)
+
+    def trial_count(self) -> int:
+        from .sweep import trial_count
+
+        return trial_count(self.params)
+
+    def _pin(self) -> None:
+        """Write the run's params, each trial's params and the manifest (called once, by :meth:`create`)."""
+        from .sweep import trials
+
         for sub in SUBDIRS:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.params.save(self.dir / "params")
+        self.params.save(self.dir / PARAMS_DIR)
+        if self.params.sweep is not None:
+            from .params import apply_overrides
+
+            for k, overrides in enumerate(trials(self.params)):
+                d = self.dir / "trials" / str(k)
+                trial_params = apply_overrides(self.params, overrides)
+                trial_params.save(d / PARAMS_DIR)
+
+                def trial_manifest(m: dict[str, Any], k: int = k, overrides=overrides, tp=trial_params) -> None:
+                    m.update(parent=str(self.dir), trial=k, run_id=self.run_id, experiment=tp.experiment)
+                    m["overrides"] = overrides
+                    m["params"] = tp.snapshot()
+
+                update_manifest(d, trial_manifest)
 
         def change(m: dict[str, Any]) -> None:
-            m.setdefault("experiment", self.params.experiment)
-            m.setdefault("run_id", self.run_id)
-            m.setdefault("created", now_iso())
-            m.setdefault("host", platform.node())
+            m.update(experiment=self.params.experiment, run_id=self.run_id, created=now_iso(), host=platform.node())
             m["params"] = self.params.snapshot()
-            if self.params.overrides:  # the run's own copy of its params already carries them
-                m["overrides"] = {**m.get("overrides", {}), **self.params.overrides}
+            m["overrides"] = dict(self.params.overrides)
             m.setdefault("stages", {})
 
         self.update(change)
+        if any(self.params.profile_for(s).launcher != "local" for s in stages.names()):
+            _share_with_containers(self.dir)
+
+    def for_trial(self, trial: "Shard | str") -> "Run":
+        """A sweep trial: its folder ``trials/<k>/`` (``model/``, ``checkpoints/``, ``evaluate/``), its pinned
+        params (the trial's overrides merged), an MLflow child run; the run's ``load/`` and ``tokenized/`` are
+        linked."""
+        trial = Shard.parse(trial, "trial")
+        assert trial is not None
+        d = self.dir / "trials" / str(trial.i)
+        if not pinned(d):  # a run made in memory (tests, benchmarks): pin the trial now, once
+            from .params import apply_overrides
+            from .sweep import trials
+
+            overrides = trials(self.params)[trial.i]
+            apply_overrides(self.params, overrides).save(d / PARAMS_DIR)
+            update_manifest(
+                d,
+                lambda m: m.update(
+                    parent=str(self.dir),
+                    trial=trial.i,
+                    run_id=self.run_id,
+                    experiment=self.params.experiment,
+                    overrides=overrides,
+                ),
+            )
+        for st in stages.STAGES:  # what the trials share: outputs of the stages before them
+            link = d / st.output
+            if st.sharding != "trials" and (self.dir / st.output).is_dir() and not link.exists():
+                link.symlink_to(Path("..") / ".." / st.output)
+        params = _read_pinned(d)
+        params = params.model_copy(update={"overrides": {**self.params.overrides, **params.overrides}})
+        return Run(params, d, self.run_id, root=self, trial=trial)
 
     def __repr__(self) -> str:
         return f"Run({self.params.experiment!r}, {str(self.dir)!r})"
@@ -272,6 +391,10 @@ class Run:
     def params_file(self) -> Path:
         """The run's own copy of its params (what notebooks and containers read)."""
         return self.dir / "params" / f"{self.params.experiment}.yaml"
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.dir / MANIFEST
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -498,16 +621,26 @@ def notes_to_stdout() -> None:
 
 
 def open_run(
-    params_path: "str | os.PathLike",
+    params_path: "str | os.PathLike | None",
     run_dir: "str | os.PathLike",
     overrides: dict[str, Any] | None = None,
     trial: "Shard | str | None" = None,
 ) -> Run:
-    """The notebooks' setup: the run folder ``run_dir`` for the params file ``params_path``, with
-    ``overrides`` (``{"fine_tune.epochs": 2}``) merged and validated as a trigger's would be; with
-    ``trial`` (``"K/N"``), that sweep trial's own run (its folder ``trials/<K>/``)."""
+    """The notebooks' setup: the run in ``run_dir``; with ``trial`` (``"K/N"``), that sweep trial's own run.
+
+    A launched stage finds its run created (papermill passes the run's own params file). Run interactively
+    on a new ``run_dir``, the params file ``params_path`` with ``overrides`` (``{"fine_tune.epochs": 2}``)
+    creates it, as a trigger would; on an existing one, the run's pinned params are used, whatever the file
+    says now (a note says so when they differ)."""
     notes_to_stdout()
-    run = Run.open(params_path, run_dir=Path(run_dir), overrides=overrides)
+    run_dir = Path(run_dir)
+    if pinned(run_dir) is None:
+        if not params_path:
+            raise FileNotFoundError(f"{run_dir} is not a created run. Fix: give params_path to create it.")
+        run = Run.create(params_path, run_dir=run_dir, overrides=overrides)
+    else:
+        run = Run.load(run_dir)
+        _note_if_changed(run, params_path, overrides)
     if trial is not None:
         run = run.for_trial(trial)
         print(
@@ -518,3 +651,20 @@ def open_run(
     if run.params.overrides:
         print("overrides: " + ", ".join(f"{k}={v!r}" for k, v in run.params.overrides.items()))
     return run
+
+
+def _note_if_changed(run: Run, params_path: "str | os.PathLike | None", overrides: dict[str, Any] | None) -> None:
+    """Say so when a notebook is pointed at a params file (or overrides) that differ from what its run pinned."""
+    from .params import ParamsError, apply_overrides, load_params
+
+    if not params_path or Path(params_path).resolve() == run.params_file.resolve():
+        return
+    try:
+        wanted = apply_overrides(load_params(params_path, check_files=False), overrides)
+    except (ParamsError, OSError):
+        return
+    if wanted.resolved() != run.params.resolved():
+        print(
+            f"note: {run.dir} was created with its own params ({run.params_file}); {params_path} differs and is not "
+            "used. Fix: point run_dir at a new folder to start a run from the edited file."
+        )

@@ -118,9 +118,7 @@ class Stage:
         if params is None or self.sharding == "none":
             return 1
         if self.sharding == "trials":
-            from .sweep import trial_count
-
-            return trial_count(params)
+            return 1 if params.sweep is None else params.sweep.count()
         section, name = self.shards_param.split(".")
         return int(getattr(getattr(params, section), name))
 

@@ -36,6 +36,7 @@ from prometheus_client import (
     write_to_textfile,
 )
 
+from .files import write_json
 from .stages import Shard, Stage
 
 if TYPE_CHECKING:
@@ -255,9 +256,8 @@ class MlflowRun:
         name = self.run.dir.name
         parent = self.run.manifest.get("parent")
         if parent:  # a sweep trial: a child run under the run's own MLflow run
-            from .runs import Run
-
-            tags["mlflow.parentRunId"] = MlflowRun.of(Run(params, Path(parent))).id
+            root = self.run.root if self.run.root is not self.run else type(self.run)(params, Path(parent))
+            tags["mlflow.parentRunId"] = MlflowRun.of(root).id
             name = f"{Path(parent).name}/trial-{self.run.manifest.get('trial')}"
         mrun = client.create_run(exp_id, run_name=name, tags=tags)
         overrides = {**self.run.manifest.get("overrides", {}), **params.overrides}  # run.json keeps them all
@@ -267,11 +267,9 @@ class MlflowRun:
             client.log_batch(mrun.info.run_id, params=items[i : i + 100])
         known = {"run_id": mrun.info.run_id, "experiment_id": exp_id, "tracking_uri": self.uri}
         # the caller holds the run lock: write run.json directly rather than through Run.update
-        from .runs import MANIFEST, read_manifest, write_json
-
-        manifest = read_manifest(self.run.dir)
+        manifest = self.run.manifest
         manifest["mlflow"] = known
-        write_json(self.run.dir / MANIFEST, manifest)
+        write_json(self.run.manifest_file, manifest)
         return known
 
     # --- sending, or keeping for later --------------------------------------------------
@@ -392,16 +390,3 @@ class MlflowRun:
     def terminate(self, status: str) -> None:
         """FINISHED or FAILED on the workflow's MLflow run."""
         self._safely(f"marking the run {status}", {"op": "terminate", "status": status})
-
-
-def log_metrics(params: "Params", run_dir: Path, metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Metrics at one step to the MLflow run of ``run_dir`` (what the training loop's logger calls)."""
-    from .runs import Run
-
-    MlflowRun.of(Run(params, run_dir)).log_metrics(metrics, step or 0)
-
-
-def log_metrics_series(params: "Params", run_dir: Path, key: str, points: list[tuple[int, float]]) -> None:
-    from .runs import Run
-
-    MlflowRun.of(Run(params, run_dir)).log_series(key, points)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import files, modeling, runs, stages, tracking
+from . import files, modeling, runs, stages
 from . import model as model_mod
 from . import tokenize as tok
 from .modeling import autocast_ctx, collate, set_mode
@@ -353,6 +353,7 @@ class Checkpoint:
             torch_rng=torch.get_rng_state(),
             progress=asdict(progress),
             fingerprint=self.fingerprint,
+            fine_tune=self.setup.params.fine_tune.model_dump(mode="json"),  # the settings this state was trained with
             cuda_rng=torch.cuda.get_rng_state(dev) if dev.startswith("cuda") else None,
         )
         with files.atomic(self.last) as tmp:
@@ -376,12 +377,12 @@ def mlflow_logger(params: "Params", run_dir: Path) -> EpochLogger:
     """Each epoch's record as ``fine_tune.*`` metrics (step = epoch), and its step losses as one series.
     (tracking turns an MLflow failure into a warning: it never stops training.)"""
 
+    ml = runs.Run(params, run_dir).mlflow
+
     def log_epoch(record: dict[str, Any], steps: list[dict[str, Any]]) -> None:
-        tracking.log_metrics(
-            params, run_dir, {f"fine_tune.{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"]
-        )
+        ml.log_metrics({f"fine_tune.{k}": v for k, v in record.items() if k != "epoch"}, record["epoch"])
         if steps:
-            tracking.log_metrics_series(params, run_dir, "fine_tune.step_loss", [(s["step"], s["loss"]) for s in steps])
+            ml.log_series("fine_tune.step_loss", [(s["step"], s["loss"]) for s in steps])
 
     return log_epoch
 
@@ -402,13 +403,12 @@ def _prepare(params: "Params", run_dir: Path):
     return store, tok.read_labels(run_dir), train_idx, val_idx
 
 
-def _ddp_worker(rank: int, world: int, params_path: str, run_dir: str, port: int) -> None:
+def _ddp_worker(rank: int, world: int, params: "Params", run_dir: str, port: int) -> None:
+    """One data-parallel process. It gets the very params of the stage (a sweep trial's own, with its overrides),
+    never re-read from a file."""
     import torch
     import torch.distributed as dist
 
-    from .params import load_params
-
-    params = load_params(params_path)
     profile = params.profile_for("fine_tune")
     cuda = profile.device == "cuda"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -470,7 +470,7 @@ def fine_tune_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
         method = "spawn" if profile.device == "cuda" else "fork"
         tmp_mp.start_processes(
             _ddp_worker,
-            args=(world, params.source_path, str(run_dir), _free_port()),
+            args=(world, params, str(run_dir), _free_port()),
             nprocs=world,
             join=True,
             start_method=method,
