@@ -28,7 +28,7 @@ help:
 	@echo "make lint      ruff (lint + format check), import contracts (lint-imports)"
 	@echo "make lab       JupyterLab with the helical-workflow kernel"
 	@echo "make airflow   Airflow standalone (web UI on :8080)"
-	@echo "make bench     benchmarks (slow)"
+	@echo "make bench     benchmarks (slow; QUICK=1: small inputs, a few minutes)"
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)/uv
@@ -112,13 +112,15 @@ airflow: env data
 	PATH=$(VENV)/airflow/bin:$$PATH exec $(VENV)/airflow/bin/airflow standalone
 
 bench: env data
-	$(KPY) benchmarks/run.py
+	$(KPY) benchmarks/run.py $(if $(QUICK),--quick)
 
-# The kernel image (Docker, or Podman where there is no Docker Engine).
+# The kernel image (Docker, or Podman where there is no Docker Engine), tagged by the hash of its inputs:
+# rebuilt only when they change (scripts/image.sh). BASE_IMAGE=localhost/bookworm-base is a CPU base that
+# Podman builds here with debootstrap.
 ENGINE      ?= $(shell command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 && echo docker || echo podman)
 BASE_IMAGE  ?= nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
 image:
-	$(ENGINE) build --network host -f kernels_image/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t helical-workflow-kernels:latest .
+	ENGINE=$(ENGINE) bash scripts/image.sh $(BASE_IMAGE)
 
 up:
 	test -f compose/.env || { echo "copy compose/.env.example to compose/.env and fill it in"; exit 1; }

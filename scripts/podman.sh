@@ -3,7 +3,7 @@
 #   scripts/podman.sh conf                 write the containers.conf this machine needs (runc, cgroupfs)
 #   scripts/podman.sh base                 build localhost/bookworm-base with debootstrap (no registry needed)
 #   scripts/podman.sh service SOCKET       serve the Docker Engine API on a unix socket (foreground)
-#   scripts/podman.sh build [BASE_IMAGE]   build the kernel image (helical-workflow-kernels:latest)
+#   scripts/podman.sh build [BASE_IMAGE]   the kernel image (scripts/image.sh: only when its inputs changed)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STATE="${HELICAL_PODMAN_STATE:-$ROOT/.venv/podman}"
@@ -50,15 +50,7 @@ service() {
 }
 
 build() {
-  conf
-  local base_image="${1:-localhost/bookworm-base}"
-  [ "$base_image" = localhost/bookworm-base ] && base
-  # the host's uv cache and CA bundle make the build fast and work behind a TLS-inspecting proxy
-  mkdir -p "${UV_CACHE_DIR:-$HOME/.cache/uv}"
-  podman build --network host -f "$ROOT/kernels_image/Dockerfile" \
-    --build-arg BASE_IMAGE="$base_image" --build-arg PIP_CERT=/host-ca.crt --build-arg UV_CACHE_DIR=/uvcache \
-    -v /etc/ssl/certs/ca-certificates.crt:/host-ca.crt:ro -v "${UV_CACHE_DIR:-$HOME/.cache/uv}:/uvcache" \
-    ${MODEL_DIR:+--build-arg MODEL_DIR="$MODEL_DIR"} -t helical-workflow-kernels:latest "$ROOT"
+  ENGINE=podman bash "$ROOT/scripts/image.sh" "${1:-localhost/bookworm-base}"
 }
 
 "$@"

@@ -35,6 +35,10 @@ def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, wo
         # a clean report: nothing on stderr (warnings, "Loading weights" lines) in a successful run
         stderr = [o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]
         assert not stderr, f"{stage}: {stderr}"
+        # nor library notes (MLflow's cloudpickle and pip-version warnings when the model is logged)
+        stdout = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+        notes = [ln for ln in stdout.splitlines() if ln.startswith("note:")]
+        assert not notes, f"{stage}: {notes}"
         html = (run_dir / "reports" / res.notebook.with_suffix(".html").name).read_text()
         assert (
             len(html) > 10_000

@@ -126,7 +126,9 @@ def test_registered_champion_loads_back_to_the_runs_own_logits(trained, logged, 
 def test_the_champion_moves_only_as_promote_says(trained, logged):
     import mlflow
 
-    params = trained.params.model_copy(update={"experiment": "demo-rules"})
+    # registry.name names the registered model (default: the experiment)
+    named = trained.params.registry.model_copy(update={"name": "demo-rules"})
+    params = trained.params.model_copy(update={"experiment": "demo-rules-exp", "registry": named})
     client = mlflow.MlflowClient(trained.uri)
 
     def reg(value, promote="if_better"):
@@ -159,6 +161,7 @@ def test_the_champion_moves_only_as_promote_says(trained, logged):
     assert not d["promoted"] and champion() == "5" and "never" in d["reason"]
     with pytest.raises(ValueError, match="promote must be"):
         reg(0.5, "sometimes")
+    assert "demo-rules-exp" not in [m.name for m in client.search_registered_models()]
 
 
 @pytest.mark.slow

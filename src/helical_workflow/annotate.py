@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import data as data_mod
-from . import files, runs
+from . import files, runs, stages
 from .stages import Shard
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class Settings:
         a = params.annotate
         profile = params.profile_for("annotate")
         base = dict(
-            model=a.model or f"models:/{params.experiment}@{CHAMPION_ALIAS}",
+            model=a.model or f"models:/{params.registered_model}@{CHAMPION_ALIAS}",
             min_confidence=a.min_confidence,
             min_gene_coverage=a.min_gene_coverage,
             shards=a.shards,
@@ -166,7 +166,7 @@ def _run_model(folder: Path) -> tuple[Path, Path]:
             f"model {folder} does not exist. Fix: give models:/<name>@<alias>, models:/<name>/<version>, "
             "or the folder of a run whose fine_tune stage completed."
         )
-    model_dir = folder if (folder / modeling.WEIGHTS).is_file() else folder / "model"
+    model_dir = folder if (folder / modeling.WEIGHTS).is_file() else folder / stages.get("fine_tune").output
     if not (model_dir / modeling.WEIGHTS).is_file():
         raise AnnotateError(
             f"{folder} holds no fine-tuned model ({model_dir / modeling.WEIGHTS} is missing). "

@@ -68,7 +68,7 @@ def build(params_path: Path) -> DAG | None:
         ],
     )
     a = params.annotate
-    model = a.model or f"models:/{params.experiment}@champion"
+    model = a.model or f"models:/{params.registered_model}@champion"
     pp = str(Path(params_path).resolve())
     with DAG(
         dag_id=DAG_ID,

@@ -149,7 +149,7 @@ def print_reports(run_dir: Path) -> None:
         print(f"  {st:10s} {info.get('status')}  {info.get('seconds', 0):.1f}s")
     print(f"Reports (executed notebooks): {run_dir / 'notebooks'}")
     print(f"Reports (HTML):               {run_dir / 'reports'}")
-    metrics = run_dir / "evaluate" / "metrics.json"
+    metrics = run_dir / stages.get("evaluate").output / "metrics.json"
     if metrics.exists():
         mj = json.loads(metrics.read_text())
         lr, fr = mj["baseline_logreg"], mj.get("baseline_frozen", {})
@@ -159,7 +159,7 @@ def print_reports(run_dir: Path) -> None:
             f"/ {lr.get('macro_f1', float('nan')):.3f}, on frozen embeddings {fr.get('accuracy', float('nan')):.3f} "
             f"/ {fr.get('macro_f1', float('nan')):.3f})"
         )
-    summary = run_dir / "compare" / "summary.json"
+    summary = run_dir / stages.get("compare").output / "summary.json"
     if summary.exists():
         from .compare import winner_sentence
 
@@ -471,7 +471,7 @@ def _annotate_options(a: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         help="models:/<name>@<alias>, models:/<name>/<version>, or a run folder; default: the params "
-        "file's annotate.model, else models:/<experiment>@champion",
+        "file's annotate.model, else models:/<registry.name or experiment>@champion",
     )
     a.add_argument("--params", default=None, help="params file for profiles, tracking and outputs (default: demo)")
     a.add_argument("--out", default=None, help="outputs folder (annotations go to OUT/annotate/...)")

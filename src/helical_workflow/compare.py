@@ -45,8 +45,8 @@ def trial_table(run: "Run") -> pd.DataFrame:
         shard = None if k is None else ft.shards(run.params)[k]
         recs = [run.record(ft.key(shard)), run.record(ev.key(shard))]
         failed = next((r for r in recs if r.get("status") != "success"), None)
-        info = _read_json(folder / "model" / "model_info.json")
-        test = _read_json(folder / "evaluate" / "metrics.json")
+        info = _read_json(folder / stages.get("fine_tune").output / "model_info.json")
+        test = _read_json(folder / stages.get("evaluate").output / "metrics.json")
         val = info.get("validation") or {}
         rows.append(
             {
@@ -73,7 +73,7 @@ def curves(run: "Run") -> dict[str, pd.DataFrame]:
     """Per trial, its per-epoch history (``history.json``): train loss and validation metrics."""
     out = {}
     for k, folder in trial_folders(run):
-        hist = _read_json(folder / "model" / "history.json")
+        hist = _read_json(folder / stages.get("fine_tune").output / "history.json")
         if hist.get("epochs"):
             out["run" if k is None else f"trial {k}"] = pd.DataFrame(hist["epochs"])
     return out
@@ -152,8 +152,8 @@ def compare_stage(run: "Run") -> dict[str, Any]:
     best = ok.iloc[0]
     k = None if best.trial == "run" else int(best.trial)
     winner = run if k is None else run.for_trial(stages.Shard(k, sweep.trial_count(params), "trial"))
-    test = _read_json(winner.dir / "evaluate" / "metrics.json")
-    info = _read_json(winner.dir / "model" / "model_info.json")
+    test = _read_json(winner.dir / stages.get("evaluate").output / "metrics.json")
+    info = _read_json(winner.dir / stages.get("fine_tune").output / "model_info.json")
     score = float(best[f"validation_{metric}"])
     runner_up = float(ok.iloc[1][f"validation_{metric}"]) if len(ok) > 1 else None
     logreg, frozen = test.get("baseline_logreg", {}), test.get("baseline_frozen", {})
@@ -206,7 +206,7 @@ def register_winner(run: "Run", winner: "Run", info: dict[str, Any], score: floa
     try:
         model_uri = registry.log_model(
             winner.params,
-            winner.dir / "model",
+            winner.dir / stages.get("fine_tune").output,
             mlflow_run_id=winner.mlflow.id,
             tracking_uri=uri,
             validation=info.get("validation") or {},

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import files
+from . import files, stages
 
 if TYPE_CHECKING:
     from .params import Params
@@ -149,7 +149,7 @@ def build_local_dictionaries(params: "Params", run_dir: Path, max_cells: int = 2
     from .data import CountsReader
 
     paths = model_paths(params)
-    genes_df = pd.read_csv(Path(run_dir) / "load" / "genes.csv", index_col=0)
+    genes_df = pd.read_csv(Path(run_dir) / stages.get("load").output / "genes.csv", index_col=0)
     genes_df["gene"] = genes_df["gene"].astype(str)
     detected = genes_df["n_cells"].to_numpy() > 0
     symbols = genes_df["gene"].tolist()

@@ -402,6 +402,11 @@ class Params(_Strict):
         return Path(override).resolve() if override else self.resolve(self.outputs_dir)
 
     @property
+    def registered_model(self) -> str:
+        """The MLflow registered model the compare stage adds versions to (``registry.name``, else the experiment)."""
+        return self.registry.name or self.experiment
+
+    @property
     def champion_file(self) -> Path:
         """Where the compare stage notes the experiment's champion (what the DAG's docs show)."""
         return self.outputs_path / "champions" / f"{self.experiment}.json"

@@ -15,7 +15,7 @@
   ``base/`` is what :func:`helical_workflow.model.load_fine_tuning_model` rebuilds the architecture
   from, so a registered model loads through exactly the code that loads a run's model
   (:func:`helical_workflow.modeling.load_model_dir`).
-* :func:`register` makes it a new version of the registered model ``params.experiment`` and moves the
+* :func:`register` makes it a new version of the registered model ``params.registered_model`` and moves the
   alias ``champion`` to it when it beats the current champion on a validation metric.
 * :func:`load` downloads a registered model (``models:/<name>@<alias>``, ``models:/<name>/<version>``)
   into a local ``package/`` folder; :func:`open_package` loads it (:class:`PackagedModel`: logits and
@@ -259,8 +259,8 @@ _PYFUNC_CLASS: type | None = None
 def _pyfunc_class() -> type:
     """The pyfunc model class, made on first use so that importing this module does not import MLflow.
 
-    It is reachable as ``registry.GeneformerClassifier`` (module ``__getattr__``), so cloudpickle
-    stores a reference to it, not its code: a logged model loads with the installed library.
+    It is reachable as ``registry.GeneformerClassifier`` (module ``__getattr__``): the logged model's code
+    (``pyfunc_model.py``) makes one, so a logged model loads with the installed library.
     """
     global _PYFUNC_CLASS
     if _PYFUNC_CLASS is not None:
@@ -335,6 +335,18 @@ def _pip_requirements() -> list[str]:
     return [f"{n}=={v}" for n, v in runs.package_versions().items() if n != "helical-workflow"]
 
 
+def _conda_env() -> dict[str, Any]:
+    """The model's environment, stated in full (MLflow would otherwise look for a pip version in the kernel
+    environment, which uv made without pip, and print a note about it)."""
+    import platform
+
+    return {
+        "name": "helical-workflow",
+        "channels": ["conda-forge"],
+        "dependencies": [f"python={platform.python_version()}", "pip", {"pip": _pip_requirements()}],
+    }
+
+
 @contextlib.contextmanager
 def _tracking_at(uri: str) -> Iterator[Any]:
     """MLflow's fluent API pointed at ``uri`` for the block, for tracking and for the model registry (a
@@ -392,11 +404,11 @@ def log_model(
             with ctx or mlflow.start_run(run_id=mlflow_run_id):
                 info = mlflow.pyfunc.log_model(
                     name="model",
-                    python_model=_pyfunc_class()(),
+                    python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # code, not a pickled object
                     artifacts={PACKAGE: str(pkg)},
                     signature=_signature(len(labels)),
                     input_example=pd.DataFrame({"input_ids": [list(map(int, x)) for x in example]}),
-                    pip_requirements=_pip_requirements(),
+                    conda_env=_conda_env(),
                     model_config={
                         "device": "cpu",
                         "batch_size": modeling.batch_size(params, "evaluate"),
@@ -473,7 +485,8 @@ def register(
     promote: Promote = "if_better",
     tracking_uri: str,
 ) -> dict[str, Any]:
-    """A new version of the registered model ``params.experiment`` (created if needed) from ``model_uri``
+    """A new version of the registered model ``params.registered_model`` (``registry.name``, else the experiment;
+    created if needed) from ``model_uri``
     (what :func:`log_model` returned), with ``metric``'s ``value`` as a version tag; the alias ``champion``
     moves to it when ``promote`` is ``always``, or ``if_better`` and ``value`` is strictly greater than the
     champion's (or there is no champion yet); never with ``never``. Returns the decision::
@@ -485,11 +498,12 @@ def register(
 
     if promote not in ("always", "if_better", "never"):
         raise ValueError(f"promote must be 'always', 'if_better' or 'never' (got {promote!r})")
-    name, value = params.experiment, float(value)
+    name, value = params.registered_model, float(value)
     with _tracking_at(tracking_uri) as client:
         try:
             client.create_registered_model(
-                name, description=f"Geneformer cell-type classifiers of experiment '{name}' (helical-workflow)"
+                name,
+                description=f"Geneformer cell-type classifiers of experiment '{params.experiment}' (helical-workflow)",
             )
         except MlflowException as e:
             if getattr(e, "error_code", "") not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):

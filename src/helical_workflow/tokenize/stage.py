@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .. import data as data_mod
-from .. import files, runs
+from .. import files, runs, stages
 from .. import model as model_mod
 from ..stages import Shard
 from . import read
@@ -64,7 +64,7 @@ def tokenize_stage(params: "Params", run_dir: Path, shard: Shard | None = None) 
             )
         shard = Shard(0, 1)
     split = data_mod.read_split(run_dir)
-    genes = pd.read_csv(run_dir / "load" / "genes.csv", index_col=0)
+    genes = pd.read_csv(run_dir / stages.get("load").output / "genes.csv", index_col=0)
     model_mod.ensure_model_files(params, run_dir)
     paths = model_mod.model_paths(params)
     spec = params.model.spec
