@@ -95,8 +95,11 @@ lint: $(VENV)/tools/.ok
 	# the layers and the two environments' boundary ([tool.importlinter] in pyproject.toml)
 	PYTHONPATH=src $(VENV)/tools/bin/lint-imports --no-cache
 
+# Two pytest workers (pytest-xdist), each taking whole test files, longest first (tests/conftest.py): most of
+# the suite waits on schedulers, kernels, servers and containers, so two files at a time fit two cores.
+TEST_WORKERS ?= 2
 test: env data system-deps $(VENV)/tools/.ok lint
-	PATH=$(VENV)/airflow/bin:$(VENV)/tools/bin:$$PATH $(KPY) -m pytest -q -ra $(PYTEST_ARGS)
+	PATH=$(VENV)/airflow/bin:$(VENV)/tools/bin:$$PATH $(KPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: unit and parity tests, no notebooks, Airflow runs, servers or containers (< 3 min).
 test-fast: env data $(VENV)/tools/.ok

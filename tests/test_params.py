@@ -133,3 +133,20 @@ def test_cli_validate_checks_the_label_column(tmp_path, model_cache):
     assert r.returncode == 1
     assert "data.label_key: column 'cell_type' is not in adata.obs" in r.stderr
     assert "bulk_labels" in r.stderr  # the columns it could have named
+
+
+def test_the_launcher_table_serves_every_launcher_a_profile_can_name(tmp_path, model_cache, workflow_env):
+    """One table (launchers.LAUNCHERS) for `helical-workflow run` and the DAG factory: every launcher of the
+    schema is in it, and a launcher only Airflow can start says so from a shell, with the fix."""
+    from typing import get_args
+
+    from helical_workflow import launchers
+    from helical_workflow.params import Profile
+    from helical_workflow.runs import Run
+
+    assert set(launchers.LAUNCHERS) == set(get_args(Profile.model_fields["launcher"].annotation))
+    src = (ROOT / "src" / "helical_workflow" / "dag_factory.py").read_text()
+    assert all(f"def {la.airflow_task}(" in src for la in launchers.LAUNCHERS.values())
+    run = Run.create(demo_params(tmp_path, model_cache=model_cache, profile="gpu-k8s"), "k8s-from-a-shell")
+    with pytest.raises(launchers.StageFailed, match="kubernetes launcher: pods are started by Airflow.*Fix: trigger"):
+        launchers.launch(run, "load")

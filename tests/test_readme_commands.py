@@ -135,3 +135,15 @@ def test_make_up_without_its_env_file_says_what_to_copy(tmp_path):
     )
     assert r.returncode != 0
     assert "copy compose/.env.example to compose/.env" in r.stdout + r.stderr
+
+
+def test_make_bench_quick_runs_every_benchmark_with_its_ratios():
+    """`make bench QUICK=1`, as the README writes it: each benchmark runs on small inputs and prints its ratio
+    against the reference measured in the same run."""
+    assert "`make bench QUICK=1`" in (ROOT / "README.md").read_text()
+    r = subprocess.run(["make", "-s", "bench", "QUICK=1"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    for script in ("tokenize_bench.py", "train_bench.py", "annotate_bench.py"):
+        assert f"=== {script}" in r.stdout, script
+    assert r.stdout.count("vs helical") >= 3 and "failed" not in r.stdout
+    assert "quick mode" in r.stdout

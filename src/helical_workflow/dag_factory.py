@@ -238,47 +238,58 @@ CONTAINER_NAME = (
 
 
 def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str, Any]):
-    """The task of a stage (mapped over its shards), by the launcher of its resource profile."""
+    """The task of a stage (mapped over its shards), built as the launcher table says for the launcher of the
+    stage's resource profile (:data:`helical_workflow.launchers.LAUNCHERS`)."""
     shards: list[Shard | None] = stage.shards(params)
-    launcher = params.profile_for(stage.name).launcher if params else "local"
+    launcher = launchers.LAUNCHERS[params.profile_for(stage.name).launcher if params else "local"]
     run_root = str(params.outputs_path / params.experiment) if params else ""
     fields = {"params_path": str(path), "stage": stage.name, "run_root": run_root}
-    if launcher == "local":  # papermill here; the shard goes to the notebook's parameters
-        cls, kw, field = StageOperator, dict(fields), "shard"
-        per_task: list[Any] = [None if s is None else str(s) for s in shards]
-    else:  # the kernel image's `helical-workflow stage`; the shard goes on its command line
-        specs = [launchers.ContainerSpec.for_stage(params, stage.name, s, "{{ run_id }}") for s in shards]
-        if launcher == "docker":
-            cls, field = DockerStageOperator, "command"
-            kw = {k: v for k, v in specs[0].docker_kwargs().items() if k != "command"}
-            kw.update(fields)
-            kw.update(
-                container_name=CONTAINER_NAME,
-                docker_url=launchers.docker_url(),
-                cpus=specs[0].cpus,
-                auto_remove="force",
-                mount_tmp_dir=False,
-            )
-        else:
-            cls, field = _kubernetes_stage_operator(), "arguments"
-            kw = {k: v for k, v in specs[0].pod_kwargs().items() if k != "arguments"}
-            profile = params.profile_for(stage.name)
-            kw.update(fields)
-            kw.update(
-                name=f"hw-{stage.name.replace('_', '-')}",
-                namespace=os.environ.get("HELICAL_K8S_NAMESPACE", "default"),
-                node_selector=dict(profile.node_selector) or None,
-                tolerations=[_toleration(t) for t in profile.tolerations] or None,
-                on_finish_action="delete_pod",
-                get_logs=True,
-                # the provider's 120 s are too short to scale up a GPU node or pull the kernel image (GBs)
-                schedule_timeout_seconds=1800,
-                startup_timeout_seconds=1800,
-            )
-        per_task = [s.command for s in specs]
+    cls, kw, field, per_task = globals()[launcher.airflow_task](params, stage, shards)
+    kw.update(fields)
     if len(shards) > 1:  # dynamic task mapping: one task instance per row shard, whatever the launcher
         return cls.partial(**kw, **common).expand(**{field: per_task})
     return cls(**kw, **common, **{field: per_task[0]})
+
+
+def local_task(params: Params | None, stage: Stage, shards: list[Shard | None]):
+    """papermill here; the shard goes to the notebook's parameters."""
+    return StageOperator, {}, "shard", [None if s is None else str(s) for s in shards]
+
+
+def _specs(params: Params, stage: Stage, shards: list[Shard | None]) -> list[launchers.ContainerSpec]:
+    """The kernel image's ``helical-workflow stage``, one per shard (the shard goes on its command line)."""
+    return [launchers.ContainerSpec.for_stage(params, stage.name, s, "{{ run_id }}") for s in shards]
+
+
+def docker_task(params: Params, stage: Stage, shards: list[Shard | None]):
+    specs = _specs(params, stage, shards)
+    kw = {k: v for k, v in specs[0].docker_kwargs().items() if k != "command"}
+    kw.update(
+        container_name=CONTAINER_NAME,
+        docker_url=launchers.docker_url(),
+        cpus=specs[0].cpus,
+        auto_remove="force",
+        mount_tmp_dir=False,
+    )
+    return DockerStageOperator, kw, "command", [s.command for s in specs]
+
+
+def kubernetes_task(params: Params, stage: Stage, shards: list[Shard | None]):
+    specs = _specs(params, stage, shards)
+    kw = {k: v for k, v in specs[0].pod_kwargs().items() if k != "arguments"}
+    profile = params.profile_for(stage.name)
+    kw.update(
+        name=f"hw-{stage.name.replace('_', '-')}",
+        namespace=os.environ.get("HELICAL_K8S_NAMESPACE", "default"),
+        node_selector=dict(profile.node_selector) or None,
+        tolerations=[_toleration(t) for t in profile.tolerations] or None,
+        on_finish_action="delete_pod",
+        get_logs=True,
+        # the provider's 120 s are too short to scale up a GPU node or pull the kernel image (GBs)
+        schedule_timeout_seconds=1800,
+        startup_timeout_seconds=1800,
+    )
+    return _kubernetes_stage_operator(), kw, "arguments", [s.command for s in specs]
 
 
 def _toleration(t: dict[str, Any]):

@@ -427,6 +427,43 @@ def run_stage_in_image(stage: str, run_id: str, experiment: str, *, shard: str |
 # --------------------------------------------------------------- workflow ----------
 
 
+@dataclass(frozen=True)
+class Launcher:
+    """How the stages of a resource profile run: from a shell (``helical-workflow run``) and as Airflow tasks.
+
+    ``shell`` runs one stage attempt of a created run (None: only Airflow can start it; ``why_not_shell`` says
+    so, with the fix); ``airflow_task`` names the function of :mod:`helical_workflow.dag_factory` that builds
+    the stage's task (the operator class, its arguments, and the field its shards are mapped over).
+    """
+
+    name: str
+    airflow_task: str
+    shell: Any = None  # Callable[[Run, str, Shard | None, dict], None]
+    why_not_shell: str = ""
+
+
+def _shell_local(run: Run, stage: str, shard: Shard | None, kw: dict[str, Any]) -> None:
+    run_stage(run, stage, shard=shard, **kw)
+
+
+def _shell_docker(run: Run, stage: str, shard: Shard | None, kw: dict[str, Any]) -> None:
+    run_in_docker(run, stage, shard=shard)
+
+
+# The one launcher table: the keys are the values of a profile's ``launcher`` field.
+LAUNCHERS: dict[str, Launcher] = {
+    "local": Launcher("local", "local_task", _shell_local),
+    "docker": Launcher("docker", "docker_task", _shell_docker),
+    "kubernetes": Launcher(
+        "kubernetes",
+        "kubernetes_task",
+        None,
+        "pods are started by Airflow's KubernetesPodOperator, not from a shell. Fix: trigger the DAG, or give the "
+        "stage a local or docker profile for `helical-workflow run`.",
+    ),
+}
+
+
 def launch(
     run: Run,
     stage: str,
@@ -437,18 +474,14 @@ def launch(
 ) -> None:
     """One stage attempt of a created run by the launcher of the stage's resource profile (``helical-workflow
     run``)."""
-    launcher = run.params.profile_for(stage).launcher
-    if launcher == "local":
-        run_stage(run, stage, shard=shard, kernel_name=kernel_name, log_output=log_output)
-    elif launcher == "docker":
-        run_in_docker(run, stage, shard=shard)
-    else:
-        params = run.params
+    params = run.params
+    launcher = LAUNCHERS[params.profile_for(stage).launcher]
+    if launcher.shell is None:
+        profile = params.stage_profiles.get(stage, params.profile)
         raise StageFailed(
-            f"stage '{stage}' uses profile '{params.stage_profiles.get(stage, params.profile)}' with the kubernetes "
-            "launcher: pods are started by Airflow's KubernetesPodOperator, not from a shell. Fix: trigger the DAG, "
-            "or give the stage a local or docker profile for `helical-workflow run`."
+            f"stage '{stage}' uses profile '{profile}' with the {launcher.name} launcher: {launcher.why_not_shell}"
         )
+    launcher.shell(run, stage, shard, {"kernel_name": kernel_name, "log_output": log_output})
 
 
 def run_workflow(
