@@ -27,7 +27,7 @@ help:
 	@echo "make test-fast unit and parity tests only (no notebooks, servers or containers)"
 	@echo "make lint      ruff (lint + format check), import contracts (lint-imports)"
 	@echo "make lab       JupyterLab with the helical-workflow kernel"
-	@echo "make airflow   Airflow standalone (web UI on :8080)"
+	@echo "make airflow   Airflow standalone (web UI on :8080; PORT=18090 moves the whole stack)"
 	@echo "make bench     benchmarks (slow; QUICK=1: small inputs, a few minutes)"
 
 $(UV):
@@ -108,11 +108,17 @@ test-fast: env data $(VENV)/tools/.ok
 lab: env data
 	$(VENV)/kernel/bin/jupyter lab --notebook-dir=$(CURDIR) --ip=127.0.0.1 --port=$${LAB_PORT:-8888} --allow-root
 
+# One port moves the whole local stack: the API and UI, the workers' execution API, the links it writes.
+# The LocalExecutor's workers are sized to the machine (Airflow's default is 32 processes).
+PORT        ?= $(or $(AIRFLOW__API__PORT),8080)
+PARALLELISM ?= $(or $(AIRFLOW__CORE__PARALLELISM),$(shell echo $$(( $$(nproc) * 2 ))))
 airflow: env data
-	@echo "Log in as 'admin'; the password is in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
+	@echo "Airflow on http://localhost:$(PORT) ($(PARALLELISM) task slots). Log in as 'admin'; the password is in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
 	$(VENV)/airflow/bin/airflow pools set gpu $${HELICAL_GPU_POOL_SLOTS:-1} "GPU stages queue here" >/dev/null
 	# standalone starts its parts by running `airflow` from PATH
-	PATH=$(VENV)/airflow/bin:$$PATH exec $(VENV)/airflow/bin/airflow standalone
+	PATH=$(VENV)/airflow/bin:$$PATH AIRFLOW__API__PORT=$(PORT) AIRFLOW__API__BASE_URL=http://localhost:$(PORT) \
+	  AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://localhost:$(PORT)/execution/ \
+	  AIRFLOW__CORE__PARALLELISM=$(PARALLELISM) exec $(VENV)/airflow/bin/airflow standalone
 
 bench: env data
 	$(KPY) benchmarks/run.py $(if $(QUICK),--quick)

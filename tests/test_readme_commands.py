@@ -62,15 +62,14 @@ def test_make_lab_lists_the_kernel_and_the_notebooks(tmp_path):
 
 
 def test_make_airflow_starts_the_api_and_stops(tmp_path):
+    """`make airflow PORT=N` as the README writes it: one setting moves the API, the workers' execution API and
+    the links; the LocalExecutor's workers are sized to the machine, not Airflow's 32."""
     port = free_port()
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path / "airflow"),
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    }
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    env = {k: v for k, v in env.items() if not k.startswith(("AIRFLOW__API__", "AIRFLOW__CORE__EXECUTION"))}
     env["PATH"] = ":".join(p for p in env["PATH"].split(":") if ".venv/airflow" not in p)  # as a user's shell
-    proc = _make("airflow", env, tmp_path / "airflow.log")
+    assert "`make airflow PORT=18090`" in (ROOT / "README.md").read_text()
+    proc = start_group(["make", "-s", "airflow", f"PORT={port}"], env, tmp_path / "airflow.log", cwd=ROOT)
     try:
         health = _get_json(f"http://127.0.0.1:{port}/api/v2/monitor/health", time.time() + 180)
         log = (tmp_path / "airflow.log").read_text()
@@ -78,8 +77,39 @@ def test_make_airflow_starts_the_api_and_stops(tmp_path):
         assert health["metadatabase"]["status"] == "healthy"
         assert "FileNotFoundError" not in log
         assert (tmp_path / "airflow" / "simple_auth_manager_passwords.json.generated").exists()
+        deadline = time.time() + 120  # standalone starts the scheduler beside the API server
+        while not (scheduler := _group_processes(proc.pid, "airflow scheduler")) and time.time() < deadline:
+            time.sleep(2)
+        assert scheduler, "no scheduler under make airflow:\n" + (tmp_path / "airflow.log").read_text()[-3000:]
+        environ = dict(
+            kv.split("=", 1) for kv in Path(f"/proc/{scheduler[0]}/environ").read_text().split("\0") if "=" in kv
+        )
+        assert environ["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"http://localhost:{port}/execution/"
+        assert environ["AIRFLOW__API__BASE_URL"] == f"http://localhost:{port}"
+        slots = 2 * os.cpu_count()
+        assert environ["AIRFLOW__CORE__PARALLELISM"] == str(slots)
+        deadline = time.time() + 60
+        while len(_group_processes(proc.pid, "LocalExecutor")) < min(slots, 2) and time.time() < deadline:
+            time.sleep(1)
+        assert 0 < len(_group_processes(proc.pid, "LocalExecutor")) <= slots
     finally:
         stop_group(proc)
+
+
+def _group_processes(root: int, needle: str) -> list[int]:
+    """Pids of ``root``'s descendants whose command line contains ``needle``."""
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,ppid=,args=", "-e"], capture_output=True, text=True).stdout
+    rows = [ln.split(None, 2) for ln in out.splitlines() if len(ln.split(None, 2)) == 3]
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+    mine, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in mine:
+                mine.add(c)
+                todo.append(c)
+    return [int(pid) for pid, _, args in rows if int(pid) in mine and needle in args]
 
 
 def test_make_demo_runs_the_workflow_and_reports(tmp_path):
