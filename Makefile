@@ -77,6 +77,7 @@ env: $(VENV)/kernel/.ok $(VENV)/airflow/.ok $(AIRFLOW_HOME)/.ok hooks
 
 $(DEMO_DATA): | $(VENV)/kernel/.ok
 	$(KPY) -m helical_workflow.cli demo-data --out $@
+	mkdir -p data/incoming  # the watched folder of params/demo.yaml (helical_annotate)
 
 data: $(DEMO_DATA)
 

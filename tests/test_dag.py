@@ -34,6 +34,7 @@ for dag_id, dag in bag.dags.items():
         "ops": sorted({type(t).__name__ for t in dag.tasks}),
         "retries": {t.task_id: t.retries for t in dag.tasks},
         "tags": sorted(dag.tags), "schedule": str(dag.schedule), "doc": dag.doc_md,
+        "paused_at_creation": dag.is_paused_upon_creation,
         "form": {k: dag.params.get_param(k).schema | {"default": dag.params[k],
                  "description": dag.params.get_param(k).description} for k in dag.params},
     }
@@ -49,6 +50,9 @@ def test_dag_file_parses_light_and_builds_one_dag_per_params_file(airflow_env):
     assert out["errors"] == {}
     assert out["heavy_imported"] == []
     demo = out["dags"]["helical_demo"]
+    # the watcher's DAG starts unpaused (watching is its purpose); the others follow Airflow's setting
+    assert out["dags"]["helical_annotate"]["paused_at_creation"] is False
+    assert demo["paused_at_creation"] is None
     assert demo["tasks"] == ["load", "tokenize", "fine_tune", "evaluate", "compare"]
     assert demo["ops"] == ["StageOperator"]
     assert demo["retries"] == {s: 1 for s in demo["tasks"]}  # from the cpu profile
@@ -95,7 +99,11 @@ def test_an_unknown_or_invalid_override_fails_before_compute(airflow_env, tmp_pa
     ):
         r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_demo", "-c", json.dumps(conf)], env=airflow_env)
         assert r.returncode != 0
-        assert named in r.stdout + r.stderr
+        out = r.stdout + r.stderr
+        assert named in out
+        # the run's overrides are blamed, not the valid file; a retry could not fix them: the task fails once
+        assert "this run's overrides (Trigger form, conf or --set) over demo.yaml is invalid" in out
+        assert "AirflowFailException" in out and "up_for_retry" not in out.lower()
     assert not (tmp_path / "outputs" / "demo").exists()
 
 

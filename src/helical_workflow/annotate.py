@@ -605,6 +605,7 @@ def report(run_dir: Path, *, kernel_name: str = "helical-workflow", log_output: 
         log_output=log_output,
         progress_bar=False,
         cwd=str(run_dir),
+        **launchers.kernel_over_ipc(),
     )
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(out_nb, as_version=4))
     return files.write_text(run_dir / "reports" / out_nb.with_suffix(".html").name, body)

@@ -77,6 +77,8 @@ def build(params_path: Path) -> DAG | None:
         start_date=datetime(2026, 1, 1),
         catchup=False,
         max_active_runs=4,
+        # watching is what this DAG is for: it starts unpaused, so a file dropped in the folder is annotated
+        is_paused_upon_creation=False,
         tags=["annotate", params.experiment],
         params={
             "input": Param("", type="string", description="an .h5ad to annotate (a hand-triggered run)"),

@@ -24,6 +24,7 @@ DAG's docs); a run of it fails in the first task, at validation, before any comp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -99,7 +100,21 @@ class _RunTask:
         """The first stage of a container launcher: create the run here, in the worker, before the container (which
         only loads it) starts."""
         if not stages.get(self.stage).upstream:
-            launchers.task_run(self.params_path, self.stage, str(context["run_id"]), overrides=run_overrides(context))
+            with _fail_once_when_invalid():
+                launchers.task_run(
+                    self.params_path, self.stage, str(context["run_id"]), overrides=run_overrides(context)
+                )
+
+
+@contextlib.contextmanager
+def _fail_once_when_invalid():
+    """An invalid params file or override fails the task at once, without retries: a retry cannot fix it."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except ParamsError as e:
+        raise AirflowFailException(str(e)) from None
 
 
 class StageOperator(_RunTask, BaseOperator):
@@ -126,7 +141,12 @@ class StageOperator(_RunTask, BaseOperator):
         self.kernel_name = kernel_name
 
     def execute(self, context: Any) -> str:
-        a = launchers.run_task(
+        with _fail_once_when_invalid():
+            a = self._run(context)
+        return str(a.run_dir)  # only a path goes to XCom: stages hand over files
+
+    def _run(self, context: Any):
+        return launchers.run_task(
             self.params_path,
             self.stage,
             str(context["run_id"]),
@@ -135,7 +155,6 @@ class StageOperator(_RunTask, BaseOperator):
             run_root=self.run_root,
             kernel_name=self.kernel_name,
         )
-        return str(a.run_dir)  # only a path goes to XCom: stages hand over files
 
 
 def run_overrides(context: Any) -> dict[str, Any]:

@@ -141,6 +141,15 @@ def run_stage(
     return a
 
 
+def kernel_over_ipc() -> dict[str, Any]:
+    """papermill's kernel talks to it over local IPC sockets instead of TCP on localhost: nothing is reachable
+    from the network, and the kernel has no "running over TCP without encryption" warning to print (which
+    Airflow logs at ERROR level in every successful task)."""
+    from traitlets.config import Config
+
+    return {"config": Config({"KernelManager": {"transport": "ipc"}})}
+
+
 def _papermill(run: Run, a: Attempt, *, kernel_name: str, log_output: bool) -> None:
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -159,6 +168,7 @@ def _papermill(run: Run, a: Attempt, *, kernel_name: str, log_output: bool) -> N
             report_mode=False,
             cwd=str(run.dir),  # nothing a notebook writes by default (MLflow's ./mlruns, ...) lands in notebooks/
             execution_timeout=run.params.profile_for(a.stage.name).cell_timeout_s,
+            **kernel_over_ipc(),
         )
     except PapermillExecutionError as e:
         raise StageFailed(

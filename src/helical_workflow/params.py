@@ -624,14 +624,14 @@ def apply_overrides(params: Params, overrides: Mapping[str, Any] | None) -> Para
             else:
                 cur = cur.setdefault(part, {}) if cur.get(part) is None else cur[part]
     if problems:
-        raise ParamsError(params.source_path or "overrides", problems)
+        raise ParamsError(_overrides_of(params), problems)
     try:
         merged = Params.model_validate(raw)
     except ValidationError as e:
         fixes = [
             f"override {p} Fix: change the override (or the params file)." for p in _validation_problems(e, Params)
         ]
-        raise ParamsError(params.source_path or "overrides", fixes) from None
+        raise ParamsError(_overrides_of(params), fixes) from None
     changed = {k: v for k, v in flat.items() if _get(params, k) != _get(merged, k)}
     merged = merged.model_copy(
         update={
@@ -643,8 +643,14 @@ def apply_overrides(params: Params, overrides: Mapping[str, Any] | None) -> Para
     )
     problems = _profile_problems(merged) + (data_file_problems(merged) if "data.path" in changed else [])
     if problems:
-        raise ParamsError(params.source_path or "overrides", [f"override {p}" for p in problems])
+        raise ParamsError(_overrides_of(params), [f"override {p}" for p in problems])
     return merged
+
+
+def _overrides_of(params: Params) -> str:
+    """What an invalid override is reported against: the run's overrides, not the (valid) file."""
+    where = f" over {Path(params.source_path).name}" if params.source_path else ""
+    return f"this run's overrides (Trigger form, conf or --set){where}"
 
 
 def _get(params: Params, dotted: str) -> Any:
