@@ -42,6 +42,33 @@ def demo_params(tmp: Path, *, model_cache: Path, **overrides) -> Path:
     return path
 
 
+# Seconds each slow file took on the 2-core machine (`make test`'s --durations, one worker at a time). With
+# two workers (`make test`: pytest-xdist, whole files per worker), the longest files start first, so that the
+# last file to finish is a short one.
+FILE_SECONDS = {
+    "test_container.py": 900,
+    "test_faults.py": 700,
+    "test_celery.py": 420,
+    "test_readme_commands.py": 400,
+    "test_sweep.py": 360,
+    "test_annotate.py": 300,
+    "test_registry.py": 200,
+    "test_train.py": 200,
+    "test_notebooks.py": 180,
+    "test_dag.py": 180,
+    "test_new_stage.py": 150,
+    "test_links.py": 150,
+    "test_monitoring.py": 150,
+    "test_runs.py": 60,
+    "test_tokenize.py": 60,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first (stable within a file), so that xdist's whole-file scheduling packs the two workers."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """One local tiny model cache for the session (built by the first tokenize stage)."""

@@ -54,6 +54,17 @@ def test_a_sweep_ranks_trials_registers_the_winner_and_keeps_the_champion(tmp_pa
                 k
             ]
         )
+    # in Airflow each mapped trial is named by its settings, not only by its map index
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "airflow" / "airflow.db") as db:
+        q = "select task_id, map_index, rendered_map_index from task_instance where map_index >= 0"
+        names = {(t, i): name for t, i, name in db.execute(q)}
+    combos = [(lr, f) for lr in (0.001, 0.003) for f in (0, 1)]
+    for task in ("fine_tune", "evaluate"):
+        assert [names[(task, k)] for k in range(4)] == [
+            f"trial {k}: learning_rate={lr}, freeze_layers={f}" for k, (lr, f) in enumerate(combos)
+        ]
     table = pd.read_csv(run_dir / "compare" / "trials.csv")
     assert list(table["rank"]) == [1, 2, 3, 4] and table.validation_macro_f1.is_monotonic_decreasing
     assert {"fine_tune.learning_rate", "fine_tune.freeze_layers"} <= set(table.columns)
@@ -74,6 +85,9 @@ def test_a_sweep_ranks_trials_registers_the_winner_and_keeps_the_champion(tmp_pa
     tags = client.get_run(parent).data.tags  # the link back to the Airflow run names its real run id
     assert tags["airflow_run_id"] == m["run_id"] and tags["airflow_run_id"].startswith("manual__")
     assert tags["airflow_url"].endswith("/dags/helical_demo_sweep/runs/" + urllib.parse.quote(m["run_id"], safe=""))
+    for child in children:  # each trial's child run links to the same Airflow run (not the folder form of its id)
+        assert child.data.tags["airflow_run_id"] == m["run_id"]
+        assert child.data.tags["airflow_url"] == tags["airflow_url"]
     champion = client.get_model_version_by_alias("demo_sweep", "champion")
     assert str(champion.version) == "1" and m["registry"]["promoted"] is True
 

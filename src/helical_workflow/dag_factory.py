@@ -104,6 +104,35 @@ class _RunTask:
                 launchers.task_run(
                     self.params_path, self.stage, str(context["run_id"]), overrides=run_overrides(context)
                 )
+        self.name_map_index(context)
+
+    def name_map_index(self, context: Any) -> None:
+        """A mapped task's readable name (its ``map_index_template``): the trial's settings, or the shard's rows."""
+        ti = context.get("ti")
+        index = getattr(ti, "map_index", -1)
+        if index is None or index < 0:
+            return
+        try:
+            from .runs import Run, safe_run_id
+
+            run = Run.load(Path(self.run_root) / safe_run_id(str(context["run_id"])))
+            context[MAP_INDEX_LABEL] = shard_label(run, stages.get(self.stage).shards(run.params)[index])
+        except (OSError, ValueError, IndexError, KeyError):  # the run folder is out of reach here
+            context[MAP_INDEX_LABEL] = f"{self.stage} {index}"
+
+
+MAP_INDEX_LABEL = "helical_map_index_label"
+
+
+def shard_label(run: Any, shard: Shard | None) -> str:
+    """``trial 2: learning_rate=0.003, freeze_layers=1`` or ``shard 1/4``: what a mapped task shows in Airflow."""
+    if shard is None:
+        return ""
+    if shard.kind == "trial":
+        overrides = run.for_trial(shard).manifest.get("overrides") or {}
+        settings = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+        return f"trial {shard.i}" + (f": {settings}" if settings else "")
+    return f"shard {shard}"
 
 
 @contextlib.contextmanager
@@ -143,6 +172,7 @@ class StageOperator(_RunTask, BaseOperator):
     def execute(self, context: Any) -> str:
         with _fail_once_when_invalid():
             a = self._run(context)
+        self.name_map_index(context)
         return str(a.run_dir)  # only a path goes to XCom: stages hand over files
 
     def _run(self, context: Any):
@@ -266,6 +296,8 @@ def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str,
     cls, kw, field, per_task = globals()[launcher.airflow_task](params, stage, shards)
     kw.update(fields)
     if len(shards) > 1:  # dynamic task mapping: one task instance per row shard, whatever the launcher
+        # each mapped task is named by its trial's settings or its shard (set in the context by the operator)
+        common = {**common, "map_index_template": "{{ " + MAP_INDEX_LABEL + " }}"}
         return cls.partial(**kw, **common).expand(**{field: per_task})
     return cls(**kw, **common, **{field: per_task[0]})
 
@@ -402,7 +434,8 @@ def build_dag(path: Path) -> DAG | None:
         tags=(list(d.tags) if d else []) + (["invalid-params"] if problems else []),
         doc_md=doc,
         params=_form(params),
-        render_template_as_native_obj=True,
+        # strings stay strings: command lines, pod args and env values (a run id "2026_11_30" is not an int)
+        render_template_as_native_obj=False,
         default_args={"owner": "helical-workflow"},
     )
     tasks: dict[str, Any] = {}
@@ -414,8 +447,6 @@ def build_dag(path: Path) -> DAG | None:
             retries=profile.retries if profile else 0,
             retry_delay=timedelta(seconds=30),
             doc_md=stage.description or None,
-            # command lines, pod args and env values stay strings: a run id "2026_11_30" must not become an int
-            render_template_as_native_obj=False,
         )
         if profile and profile.pool:
             common["pool"] = profile.pool  # GPU trials queue on the pool instead of fighting over memory
