@@ -170,9 +170,9 @@ class StageOperator(_RunTask, BaseOperator):
         self.kernel_name = kernel_name
 
     def execute(self, context: Any) -> str:
+        self.name_map_index(context)  # before the work, so that a failed trial is named too
         with _fail_once_when_invalid():
             a = self._run(context)
-        self.name_map_index(context)
         return str(a.run_dir)  # only a path goes to XCom: stages hand over files
 
     def _run(self, context: Any):
