@@ -92,13 +92,18 @@ def served_report_url(dag_id: str, run_id: str, stage: str, map_index: int = -1)
 
 
 def served_report(params_file: Path, run_id: str, stage: str, map_index: int = -1) -> Path | None:
-    """The report file the API server sends for a task (None when there is none): computed from the DAG's params
-    file, the run id and the stage, never from a path in the request."""
+    """The report file the API server sends for a task (None when there is none): computed from the run folder
+    (found from the DAG's params file, the run id) and the stage, never from a path in the request. The run's
+    own pinned params decide its shards and trials."""
     from .params import load_params
+    from .runs import Run, pinned
 
     if stage not in stages.names():
         return None
     params = load_params(params_file, check_files=False)
+    run_dir = run_dir_for(params.outputs_path, params.experiment, run_id)
+    if pinned(run_dir):
+        params = Run.load(run_dir).params
     shards = stages.get(stage).shards(params)
     if not (map_index == -1 or 0 <= map_index < len(shards)):
         return None
