@@ -216,9 +216,11 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 
 def _update(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    m = read_manifest(run_dir)
-    m.update(fields)
-    files.write_json(Path(run_dir) / MANIFEST, m)
+    """Change the manifest under the folder's lock (shards and the finish step may write it at once)."""
+    with files.file_lock(Path(run_dir) / ".annotation.lock"):
+        m = read_manifest(run_dir)
+        m.update(fields)
+        files.write_json(Path(run_dir) / MANIFEST, m)
     return m
 
 
