@@ -19,7 +19,7 @@ cd "$ROOT"
 inputs_hash() {
   {
     echo "base=$BASE_IMAGE model_dir=$MODEL_DIR"
-    find kernels_image/Dockerfile requirements/kernel.lock pyproject.toml README.md src notebooks params "$MODEL_DIR" \
+    find kernels_image/Dockerfile requirements/kernel.lock pyproject.toml src notebooks params "$MODEL_DIR" \
       -type f ! -name '*.pyc' ! -path '*/__pycache__/*' ! -path '*.egg-info/*' -print0 2>/dev/null \
       | sort -z | xargs -0 sha256sum
   } | sha256sum | cut -c1-12

@@ -345,7 +345,8 @@ class Run:
         def change(m: dict[str, Any]) -> None:
             m.update(experiment=self.params.experiment, run_id=self.run_id, created=now_iso(), host=platform.node())
             m["params"] = self.params.snapshot()
-            m["overrides"] = dict(self.params.overrides)
+            if self.params.overrides:  # what the trigger changed (the run's own params already carry it)
+                m["overrides"] = dict(self.params.overrides)
             m.setdefault("stages", {})
 
         self.update(change)
