@@ -211,3 +211,29 @@ def test_a_run_is_created_once_then_only_read(tmp_path, model_cache, workflow_en
     assert trials[1].params.overrides == {"fine_tune.batch_size": 8, "fine_tune.learning_rate": 0.003}
     with pytest.raises(FileNotFoundError, match="is not a created run"):
         Run.load(tmp_path / "nowhere")
+
+
+def test_report_says_when_a_run_is_incomplete_and_lists_stages_in_table_order(tmp_path, capsys):
+    """`helical-workflow report`: a failed or unfinished run says so first; stages (and a sweep's trials) come
+    in the table's order, sorted, in aligned columns."""
+    from helical_workflow.cli import print_reports
+
+    trial = "fine_tune.trial-0000{}-of-00002"
+    recorded = {
+        trial.format(1): {"status": "failed", "seconds": 3.0},
+        "load": {"status": "success", "seconds": 1.5},
+        trial.format(0): {"status": "success", "seconds": 30.0},
+        "tokenize": {"status": "success", "seconds": 2.0},
+    }
+    files.write_json(tmp_path / "run.json", {"stages": recorded})
+    print_reports(tmp_path)
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == f"Status: INCOMPLETE (failed: {trial.format(1)}; not run: evaluate, compare)"
+    rows = out[3:7]
+    assert [r.split()[0] for r in rows] == ["load", "tokenize", trial.format(0), trial.format(1)]
+    assert len({r.index(r.split()[1]) for r in rows}) == 1  # the status column lines up
+
+    done = {**recorded, "evaluate": {"status": "success"}, "compare": {"status": "success"}}
+    files.write_json(tmp_path / "run.json", {"stages": done})
+    print_reports(tmp_path)
+    assert f"Status: complete (failed, the others went on: {trial.format(1)})" in capsys.readouterr().out

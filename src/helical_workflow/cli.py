@@ -140,13 +140,36 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_status(manifest: dict) -> str:
+    """One line: complete, or not (which stages failed, are running, or have not run)."""
+    recorded = manifest.get("stages", {})
+    by_status: dict[str, list[str]] = {}
+    for key, info in recorded.items():
+        by_status.setdefault(str(info.get("status")), []).append(key)
+    last = stages.last().name
+    if recorded.get(last, {}).get("status") == "success" and not by_status.get("running"):
+        failed = by_status.get("failed")
+        return "Status: complete" + (f" (failed, the others went on: {', '.join(sorted(failed))})" if failed else "")
+    parts = [f"{s}: {', '.join(sorted(keys))}" for s, keys in sorted(by_status.items()) if s != "success"]
+    missing = [name for name in stages.names() if not any(k.split(".")[0] == name for k in recorded)]
+    if missing:
+        parts.append(f"not run: {', '.join(missing)}")
+    return "Status: INCOMPLETE (" + "; ".join(parts) + ")"
+
+
 def print_reports(run_dir: Path) -> None:
     from .runs import read_manifest
 
     m = read_manifest(run_dir)
     print(f"\nRun folder: {run_dir}")
-    for st, info in m.get("stages", {}).items():
-        print(f"  {st:10s} {info.get('status')}  {info.get('seconds', 0):.1f}s")
+    print(run_status(m))
+    recorded = m.get("stages", {})
+    order = {name: i for i, name in enumerate(stages.names())}
+    keys = sorted(recorded, key=lambda k: (order.get(k.split(".")[0], len(order)), k))  # table order, then shard
+    width = max((len(k) for k in keys), default=10)
+    for st in keys:
+        info = recorded[st]
+        print(f"  {st:<{width}s}  {str(info.get('status')):<8s} {info.get('seconds') or 0:8.1f}s")
     print(f"Reports (executed notebooks): {run_dir / 'notebooks'}")
     print(f"Reports (HTML):               {run_dir / 'reports'}")
     metrics = run_dir / stages.get("evaluate").output / "metrics.json"
