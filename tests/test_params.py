@@ -150,3 +150,15 @@ def test_the_launcher_table_serves_every_launcher_a_profile_can_name(tmp_path, m
     run = Run.create(demo_params(tmp_path, model_cache=model_cache, profile="gpu-k8s"), "k8s-from-a-shell")
     with pytest.raises(launchers.StageFailed, match="kubernetes launcher: pods are started by Airflow.*Fix: trigger"):
         launchers.launch(run, "load")
+
+
+def test_a_params_file_outside_params_resolves_relative_paths_from_its_own_folder_as_its_help_says(tmp_path):
+    from helical_workflow.params import DataParams
+
+    raw = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
+    raw["data"]["path"] = "data/x.h5ad"
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    p = load_params(tmp_path / "exp.yaml", check_files=False)
+    assert p.data_path == tmp_path / "data" / "x.h5ad"
+    help_text = DataParams.model_fields["path"].description
+    assert "the params file's own folder when it is not in a params/ folder" in help_text

@@ -81,7 +81,10 @@ class SplitParams(_Strict):
 
 
 class DataParams(_Strict):
-    path: str = Field(description="the .h5ad file (relative paths are relative to the project root)")
+    path: str = Field(
+        description="the .h5ad file; a relative path resolves from the folder above params/ (the project root), "
+        "or from the params file's own folder when it is not in a params/ folder"
+    )
     label_key: str = Field(description="adata.obs column holding the cell-type label")
     gene_names: str = Field("index", description="adata.var column with gene names, or 'index'")
     gene_id_type: Literal["symbol", "ensembl"] = "symbol"
