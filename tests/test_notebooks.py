@@ -77,6 +77,8 @@ def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, wo
     assert (preds.predicted_label == [names[i] for i in logits.argmax(1)]).all()
     assert np.isclose(metrics["accuracy"], (preds.true_label == preds.predicted_label).mean())
     assert metrics["accuracy"] > metrics["chance_accuracy"] + 0.15  # clearly better than the majority class
+    majority = metrics["baseline_majority"]  # both metrics of the majority-class baseline (no "NaN" macro-F1)
+    assert majority["accuracy"] == metrics["chance_accuracy"] and 0 < majority["macro_f1"] < majority["accuracy"]
     assert np.array(metrics["confusion_matrix"]["matrix"]).sum() == len(preds)
     for png in ("confusion_matrix.png", "umap.png"):
         assert (ev / png).stat().st_size > 10_000

@@ -237,3 +237,29 @@ def test_report_says_when_a_run_is_incomplete_and_lists_stages_in_table_order(tm
     files.write_json(tmp_path / "run.json", {"stages": done})
     print_reports(tmp_path)
     assert f"Status: complete (failed, the others went on: {trial.format(1)})" in capsys.readouterr().out
+
+
+def test_the_compare_headline_reads_as_sentences():
+    """05_compare's headline: the registry's decision is its own sentence (capitalised, closed), after the
+    verdict on the baselines; the majority-class row has both metrics."""
+    from helical_workflow import compare
+
+    summary = {
+        "winner": None,
+        "metric": "validation_macro_f1",
+        "winner_score": 0.35,
+        "margin_over_runner_up": None,
+        "succeeded": 1,
+        "trials": 1,
+        "test": {"accuracy": 0.6, "macro_f1": 0.35},
+        "baseline_logreg": {"accuracy": 0.7, "macro_f1": 0.5},
+        "beats_logreg": False,
+        "baseline_frozen": {},
+        "majority_class_accuracy": 0.3,
+        "baseline_majority": {"accuracy": 0.3, "macro_f1": 0.05},
+        "registry": {"reason": "no champion yet: v1 becomes champion (0.350)"},
+    }
+    s = compare.winner_sentence(summary)
+    assert s.endswith("(macro-F1 0.350 vs 0.500). Registry: No champion yet: v1 becomes champion (0.350).")
+    table = compare.baselines_table(summary)
+    assert table.loc["majority class"].tolist() == [0.3, 0.05]

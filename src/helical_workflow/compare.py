@@ -170,6 +170,7 @@ def compare_stage(run: "Run") -> dict[str, Any]:
         "baseline_logreg": logreg,
         "baseline_frozen": frozen,
         "majority_class_accuracy": test.get("chance_accuracy"),
+        "baseline_majority": test.get("baseline_majority") or {"accuracy": test.get("chance_accuracy")},
         "beats_logreg": _beats(test, logreg),
         "beats_frozen": _beats(test, frozen),
     }
@@ -242,7 +243,10 @@ def winner_sentence(summary: dict[str, Any]) -> str:
     if fr.get("macro_f1") is not None and t.get("macro_f1") is not None:
         verdict = "beats" if summary["beats_frozen"] else "does NOT beat"
         s += f" Fine-tuning {verdict} logistic regression on the frozen pre-trained embeddings ({fr['macro_f1']:.3f})."
-    return s + " " + summary["registry"].get("reason", "")
+    reason = str(summary["registry"].get("reason") or "").strip()
+    if reason:  # the registry's decision, as its own sentence
+        s += " Registry: " + reason[0].upper() + reason[1:] + ("" if reason.endswith(".") else ".")
+    return s
 
 
 def baselines_table(summary: dict[str, Any]) -> pd.DataFrame:
@@ -250,7 +254,7 @@ def baselines_table(summary: dict[str, Any]) -> pd.DataFrame:
         "fine-tuned Geneformer (winner)": summary["test"],
         "logistic regression (expression)": summary["baseline_logreg"],
         "logistic regression (frozen embeddings)": summary["baseline_frozen"],
-        "majority class": {"accuracy": summary["majority_class_accuracy"]},
+        "majority class": summary.get("baseline_majority") or {"accuracy": summary["majority_class_accuracy"]},
     }
     return pd.DataFrame(
         {k: {"accuracy": v.get("accuracy", np.nan), "macro_f1": v.get("macro_f1", np.nan)} for k, v in rows.items()}

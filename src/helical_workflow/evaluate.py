@@ -131,6 +131,8 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     probs = scipy.special.softmax(logits, axis=1)
     metrics = classification_metrics(y_true, y_pred, names)
     metrics["chance_accuracy"] = float(np.bincount(y_true).max() / len(y_true))
+    # the majority class predicted for every cell: a baseline with both metrics (its macro-F1 is not "NaN")
+    metrics["baseline_majority"] = modeling.macro_scores(y_true, np.full_like(y_true, np.bincount(y_true).argmax()))
     metrics["n_cells"] = int(len(y_true))
     metrics["baseline_logreg"] = expression_baseline(params, run_dir, names)
     metrics["baseline_frozen"] = frozen_embedding_baseline(params, run_dir, len(names))
