@@ -27,18 +27,21 @@ def podman_socket(tmp_path_factory):
     deadline = time.time() + 60
     while not sock.exists() and time.time() < deadline:
         time.sleep(0.5)
-    assert sock.exists(), (d / "service.log").read_text()
-    # the README's command, as written: the CPU base made with debootstrap, the image tagged by its inputs' hash
-    image = "make image BASE_IMAGE=localhost/bookworm-base"
-    assert f"`{image}`" in (ROOT / "README.md").read_text()
-    built = run(image.split(), cwd=ROOT, timeout=3000)
-    assert built.returncode == 0, (built.stdout + built.stderr)[-4000:]
-    assert "helical-workflow-kernels:latest = helical-workflow-kernels:" in built.stdout
-    again = run(image.split(), cwd=ROOT, timeout=300)  # same inputs: nothing to build
-    assert again.returncode == 0 and "is up to date (same inputs): not rebuilt" in again.stdout, again.stdout[-2000:]
-    yield sock
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        assert sock.exists(), (d / "service.log").read_text()
+        # the README's command, as written: the CPU base made with debootstrap, the image tagged by its inputs' hash
+        image = "make image BASE_IMAGE=localhost/bookworm-base"
+        assert f"`{image}`" in (ROOT / "README.md").read_text()
+        built = run(image.split(), cwd=ROOT, timeout=3000)
+        assert built.returncode == 0, (built.stdout + built.stderr)[-4000:]
+        assert "helical-workflow-kernels:latest = helical-workflow-kernels:" in built.stdout
+        again = run(image.split(), cwd=ROOT, timeout=300)  # same inputs: nothing to build
+        assert again.returncode == 0, again.stdout[-2000:]
+        assert "is up to date (same inputs): not rebuilt" in again.stdout, again.stdout[-2000:]
+        yield sock
+    finally:  # the service goes down even when the build failed
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_image_describes_itself(podman_socket):
