@@ -100,7 +100,7 @@ lint: $(VENV)/tools/.ok
 # the suite waits on schedulers, kernels, servers and containers, so two files at a time fit two cores.
 TEST_WORKERS ?= 2
 test: env data system-deps $(VENV)/tools/.ok lint
-	PATH=$(VENV)/airflow/bin:$(VENV)/tools/bin:$$PATH $(KPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+	PATH=$(VENV)/airflow/bin:$(VENV)/tools/bin:$$PATH $(KPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: unit and parity tests, no notebooks, Airflow runs, servers or containers (< 3 min).
 test-fast: env data $(VENV)/tools/.ok
