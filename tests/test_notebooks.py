@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, workflow_env):
-    params_path = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=2)
+    params_path = demo_params(tmp_path, model_cache=model_cache, fine_tune__epochs=2, evaluate__umap=True)
     params = load_params(params_path)
     run_dir = None
     notebooks_before = sorted(p.name for p in (ROOT / "notebooks").iterdir())

@@ -35,7 +35,7 @@ def test_a_sweep_ranks_trials_registers_the_winner_and_keeps_the_champion(tmp_pa
     from helical_workflow import registry
 
     grid = {"fine_tune.learning_rate": [0.001, 0.003], "fine_tune.freeze_layers": [0, 1]}
-    params = _sweep_params(tmp_path, model_cache, grid, epochs=2)
+    params = _sweep_params(tmp_path, model_cache, grid, epochs=1)
     env = airflow_home(tmp_path, workflow_env, params.parent)
     r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_demo_sweep"], env=env, timeout=1500)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
