@@ -19,7 +19,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HELICAL_WORKFLOW_HOME := $(CURDIR)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help env data demo test test-fast lint lab airflow bench clean validate system-deps image up down hooks
+.PHONY: help env data demo test test-fast lint lab airflow bench clean validate system-deps image up down hooks compose-files
 
 help:
 	@echo "make demo      set up, then run the demo DAG through Airflow (CPU, offline)"
@@ -77,9 +77,11 @@ env: $(VENV)/kernel/.ok $(VENV)/airflow/.ok $(AIRFLOW_HOME)/.ok hooks
 
 $(DEMO_DATA): | $(VENV)/kernel/.ok
 	$(KPY) -m helical_workflow.cli demo-data --out $@
-	mkdir -p data/incoming  # the watched folder of params/demo.yaml (helical_annotate)
 
-data: $(DEMO_DATA)
+data/incoming:  # the watched folder of params/demo.yaml (helical_annotate)
+	mkdir -p $@
+
+data: $(DEMO_DATA) data/incoming
 
 validate: env
 	$(APY) -m helical_workflow.cli validate params/demo.yaml params/yolksac_geneformer.yaml
@@ -132,12 +134,15 @@ BASE_IMAGE  ?= nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
 image:
 	ENGINE=$(ENGINE) bash scripts/image.sh $(BASE_IMAGE)
 
-up:
-	test -f compose/.env || { echo "copy compose/.env.example to compose/.env and fill it in"; exit 1; }
-	test -f compose/airflow_passwords.json || { echo "copy compose/airflow_passwords.json.example to compose/airflow_passwords.json"; exit 1; }
+# Both need the stack's own files first (a fresh clone has only the examples): say which to copy.
+compose-files:
+	@test -f compose/.env || { echo "copy compose/.env.example to compose/.env and fill it in"; exit 1; }
+	@test -f compose/airflow_passwords.json || { echo "copy compose/airflow_passwords.json.example to compose/airflow_passwords.json"; exit 1; }
+
+up: compose-files
 	docker compose -f compose/docker-compose.yml --env-file compose/.env up -d --build
 
-down:
+down: compose-files
 	docker compose -f compose/docker-compose.yml --env-file compose/.env down
 
 clean:

@@ -141,6 +141,7 @@ def test_make_demo_runs_the_workflow_and_reports(tmp_path):
     "command,expect",
     [
         ("make env", ""),  # idempotent: both environments, the kernel, the Airflow DB, the git filter
+        ("make data", ""),  # idempotent: the demo dataset and the watched folder
         ("make lint", "Contracts: 4 kept, 0 broken."),
         ("make test-fast PYTEST_ARGS=tests/test_stages.py", "passed"),
     ],
@@ -151,6 +152,8 @@ def test_make_targets_in_the_readme_run_as_written(command, expect):
     r = subprocess.run([make, "-s", target, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert expect in r.stdout
+    if target == "data":
+        assert (ROOT / "data" / "pbmc68k_reduced_counts.h5ad").is_file() and (ROOT / "data" / "incoming").is_dir()
     if target == "env":
         assert (
             "nbstripout"
@@ -160,15 +163,19 @@ def test_make_targets_in_the_readme_run_as_written(command, expect):
         )
 
 
-def test_make_up_without_its_env_file_says_what_to_copy(tmp_path):
-    """`make up` as written, where compose/.env has not been made yet (a fresh clone): it stops before any
-    engine call and names the file to copy. (The stack itself needs Docker Engine, which this machine lacks.)"""
+@pytest.mark.parametrize("target", ["up", "down"])
+def test_make_up_without_its_env_file_says_what_to_copy(tmp_path, target):
+    """`make up` / `make down` as written, where compose/.env has not been made yet (a fresh clone): each stops
+    before any engine call and names the file to copy. (The stack itself needs Docker Engine, which this machine
+    lacks.)"""
+    assert "`make up` / `make down`" in (ROOT / "README.md").read_text()
     shutil.copytree(ROOT / "compose", tmp_path / "compose", ignore=shutil.ignore_patterns(".env"))
     r = subprocess.run(
-        ["make", "-s", "-f", ROOT / "Makefile", "up"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        ["make", "-s", "-f", ROOT / "Makefile", target], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert r.returncode != 0
     assert "copy compose/.env.example to compose/.env" in r.stdout + r.stderr
+    assert "docker compose" not in r.stdout + r.stderr  # stopped before the engine
 
 
 def test_make_bench_quick_runs_every_benchmark_with_its_ratios():
