@@ -105,8 +105,8 @@ def test_the_registered_champion_annotates_the_demo_data_as_the_evaluate_stage_p
 def test_three_shards_equal_one_and_the_annotated_file_keeps_the_input(trained, tmp_path):
     import anndata
 
-    one, _ = an.annotate(DEMO_DATA, settings(trained, tmp_path / "one"), with_report=False)
-    three, _ = an.annotate(DEMO_DATA, settings(trained, tmp_path / "three", shards=3), with_report=False)
+    one, _ = an.annotate(DEMO_DATA, settings(trained, tmp_path / "one"))
+    three, _ = an.annotate(DEMO_DATA, settings(trained, tmp_path / "three", shards=3))
     p1, p3 = an.load_predictions(one), an.load_predictions(three)
     for col in ("cell_id", "predicted_label", "top1_label", "top2_label", "top3_label", "unassigned"):
         assert p1[col].tolist() == p3[col].tolist()
@@ -157,11 +157,11 @@ def test_a_broken_file_fails_with_the_data_error_and_leaves_nothing_that_looks_d
 
 def test_the_same_content_under_another_name_is_not_annotated_twice(trained, tmp_path):
     s = settings(trained, tmp_path / "out")
-    first, done = an.annotate(DEMO_DATA, s, with_report=False)
+    first, done = an.annotate(DEMO_DATA, s)
     assert not done
     copy = tmp_path / "renamed copy.h5ad"
     shutil.copy(DEMO_DATA, copy)
-    second, done = an.annotate(copy, s, with_report=False)
+    second, done = an.annotate(copy, s)
     assert done and second == first
 
 
@@ -303,8 +303,18 @@ def test_files_dropped_into_the_watched_folder_are_annotated_under_the_scheduler
             extras = con.execute(
                 "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.name = 'helical_annotated'"
             ).fetchall()
-        folders = sorted(Path(json.loads(x)["run_dir"]).parent.name.split("-", 1)[1] for (x,) in extras)
+        events = [json.loads(x) for (x,) in extras]  # one per annotation run: its folder and its inputs' outputs
+        folders = sorted(Path(a["run_dir"]).parent.name.split("-", 1)[1] for e in events for a in e["annotations"])
         assert folders == ["first", "next"], extras
+        for e in events:  # each run of the DAG is a run of the stage engine, with a report per stage
+            m = runs.read_manifest(Path(e["run"]))
+            assert m["workflow"] == "annotate" and {k: v["status"] for k, v in m["stages"].items()} == {
+                "annotate_prepare": "success",
+                "annotate": "success",
+                "annotate_finish": "success",
+            }
+            assert (Path(e["run"]) / "reports" / "08_annotate_report.html").is_file()
+            assert Path(e["annotations"][0]["annotated.h5ad"]).is_file()
         from datetime import datetime
 
         started = [datetime.fromisoformat(r["start_date"]).timestamp() for r in runs_]

@@ -73,7 +73,8 @@ def test_demo_dag_runs_in_containers(podman_socket, tmp_path, workflow_env):
 
 
 def test_cli_run_honours_the_docker_launcher(podman_socket, tmp_path, workflow_env):
-    """`helical-workflow run` with a cpu-docker profile runs every stage in the kernel image, as the DAG does."""
+    """`helical-workflow run` with a cpu-docker profile runs every stage in the kernel image, as the DAG does; then
+    the annotation DAG, with the same profile, annotates the data with the model that run trained."""
     root, env = _docker_project(tmp_path, workflow_env, f"unix://{podman_socket}")
     r = cli("run", root / "params" / "demo_docker.yaml", "--run-id", "cli-docker", "--quiet", env=env, timeout=1800)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
@@ -82,6 +83,35 @@ def test_cli_run_honours_the_docker_launcher(podman_socket, tmp_path, workflow_e
     assert all(m["stages"][s]["status"] == "success" for s in ("load", "tokenize", "fine_tune", "evaluate", "compare"))
     _ran_inside(run_dir, m)
     assert (run_dir / "reports" / "04_evaluate.html").exists()
+    ps = _containers()
+    assert ps == "", f"containers left behind: {ps}"
+
+    # annotation runs on the same engine: helical_annotate's three stages in the image through the DockerOperator,
+    # with the model this run trained (host paths mapped into the container), an asset event at the end
+    data = root / "data" / DEMO_DATA.name
+    conf = {"annotate.inputs": [str(data)], "annotate.model": str(run_dir), "annotate.min_confidence": 0.2}
+    env = {**env, "HELICAL_ANNOTATE_PARAMS": str(root / "params" / "demo_docker.yaml")}
+    r = run([AIRFLOW_BIN / "airflow", "dags", "test", "helical_annotate", "-c", json.dumps(conf)], env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    (ann_run,) = (root / "outputs" / "annotate" / "runs" / "demo_docker").iterdir()
+    am = json.loads((ann_run / "run.json").read_text())
+    assert am["workflow"] == "annotate" and am["params"]["annotate"]["inputs"] == [str(data)]
+    assert {k: v["status"] for k, v in am["stages"].items()} == dict.fromkeys(
+        ("annotate_prepare", "annotate", "annotate_finish"), "success"
+    )
+    nb = (ann_run / "notebooks" / "07_annotate.ipynb").read_text()
+    assert "run folder /opt/helical-workflow/outputs/annotate/runs/demo_docker/" in nb  # inference ran in the image
+    (folder,) = (root / "outputs" / "annotate").glob("*-pbmc68k_reduced_counts/run-*")
+    assert json.loads((folder / "annotation.json").read_text())["status"] == "success"
+    assert (folder / "annotated.h5ad").is_file() and (ann_run / "reports" / "08_annotate_report.html").is_file()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "airflow" / "airflow.db") as con:
+        (extra,) = con.execute(
+            "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.name = 'helical_annotated'"
+        ).fetchone()
+    event = json.loads(extra)
+    assert event["run"] == str(ann_run) and event["annotations"][0]["cells"] == 700
     ps = _containers()
     assert ps == "", f"containers left behind: {ps}"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helical_workflow.params import TRIGGER_FIELDS
+from helical_workflow.params import ANNOTATE_TRIGGER_FIELDS, TRIGGER_FIELDS
 
 from .conftest import AIRFLOW_BIN, ROOT, airflow_home, demo_params, run
 
@@ -76,8 +76,14 @@ def test_the_real_params_folder_gives_demo_and_yolksac_dags(airflow_env):
     assert out["dags"]["helical_yolksac_geneformer"]["retries"]["fine_tune"] == 2  # gpu profile
     annotate = out["dags"]["helical_annotate"]  # scheduled on the watched folder's asset
     assert "helical_incoming" in annotate["schedule"] and (ROOT / "data" / "incoming").as_uri() in annotate["schedule"]
-    assert set(annotate["tasks"]) == {"prepare", "jobs_of", "runs_of", "annotate", "finish", "check"}
-    assert annotate["form"]["model"]["default"] == "models:/demo@champion"
+    # built by the one factory from the annotation stages, with the same operator and a form from the schema
+    assert annotate["tasks"] == ["annotate_prepare", "annotate", "annotate_finish"]
+    assert annotate["ops"] == ["StageOperator"]
+    assert set(annotate["form"]) == set(ANNOTATE_TRIGGER_FIELDS)
+    assert (
+        annotate["form"]["annotate.inputs"]["type"] == "array" and annotate["form"]["annotate.inputs"]["default"] == []
+    )
+    assert "champion" in annotate["form"]["annotate.model"]["description"]
 
 
 def test_on_new_data_schedules_the_training_dag_on_its_dataset(airflow_env, tmp_path):

@@ -134,7 +134,7 @@ def test_make_demo_runs_the_workflow_and_reports(tmp_path):
     r = subprocess.run(cmd.split(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "700 cells annotated with demo-v1" in r.stdout
-    assert (tmp_path / "out" / "annotate").is_dir() and "reports/06_annotate.html" in r.stdout
+    assert (tmp_path / "out" / "annotate").is_dir() and "reports/08_annotate_report.html" in r.stdout
 
 
 @pytest.mark.parametrize(

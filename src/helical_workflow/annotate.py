@@ -1,6 +1,13 @@
 """Annotate any ``.h5ad`` with a fine-tuned model: cell types, confidence, embeddings, a report.
 
-One annotation is one folder, keyed by the input's content hash and the model's version::
+An annotation run (``helical-workflow annotate``, or a run of the ``helical_annotate`` DAG) is a run of the
+stage engine (:mod:`helical_workflow.runs`), with the stages of :data:`helical_workflow.stages.ANNOTATE_STAGES`
+(``annotate_prepare`` → ``annotate``, one task per row shard → ``annotate_finish``), each a notebook executed by
+papermill through the launcher of its resource profile, in its run folder
+``<outputs>/annotate/runs/<experiment>/<run id>/`` (``run.json``, pinned params with the run's
+``annotate.inputs``, notebooks, reports, metrics, an MLflow run in ``<experiment>-annotate``).
+
+The result of each input is one folder, keyed by the input's content hash and the model's version::
 
     <outputs>/annotate/<sha256[:12]>-<input stem>/<model key>/
       annotation.json          status, input, model, settings, gene coverage, timings, outputs
@@ -45,12 +52,12 @@ from .stages import Shard
 
 if TYPE_CHECKING:
     from .params import Params
+    from .runs import Run
 
 MANIFEST = "annotation.json"
 PREDICTIONS = "predictions.parquet"
 EMBEDDINGS = "embeddings.npy"
 ANNOTATED = "annotated.h5ad"
-REPORT_NOTEBOOK = "06_annotate.ipynb"
 OBSM_KEY = "X_geneformer"
 UNASSIGNED = "unassigned"
 TOP_K = 3
@@ -586,42 +593,9 @@ def fail(run_dir: Path, error: BaseException | str) -> None:
         _update(run_dir, status="failed", finished=files.now_iso(), error=str(error))
 
 
-def report(run_dir: Path, *, kernel_name: str = "helical-workflow", log_output: bool = False) -> Path:
-    """Execute the report notebook (papermill) into the folder and render it to HTML; returns the HTML."""
-    import nbformat
-    import papermill as pm
-    from nbconvert import HTMLExporter
-
-    from . import launchers
-
-    run_dir = Path(run_dir)
-    out_nb = run_dir / REPORT_NOTEBOOK
-    kernels = launchers.project_root() / ".venv" / "jupyter" / "share" / "jupyter"
-    if not os.environ.get("JUPYTER_PATH") and kernels.is_dir():  # the project's kernel, from a bare shell
-        os.environ["JUPYTER_PATH"] = str(kernels)
-    pm.execute_notebook(
-        str(launchers.project_root() / "notebooks" / REPORT_NOTEBOOK),
-        str(out_nb),
-        parameters={"run_dir": str(run_dir)},
-        kernel_name=kernel_name,
-        log_output=log_output,
-        progress_bar=False,
-        cwd=str(run_dir),
-        **launchers.kernel_over_ipc(),
-    )
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(out_nb, as_version=4))
-    return files.write_text(run_dir / "reports" / out_nb.with_suffix(".html").name, body)
-
-
-def annotate(
-    input_path: str | os.PathLike,
-    settings: Settings,
-    *,
-    force: bool = False,
-    with_report: bool = True,
-    kernel_name: str = "helical-workflow",
-) -> tuple[Path, bool]:
-    """All steps in a row (what the command line runs). Returns (annotation folder, was already done)."""
+def annotate(input_path: str | os.PathLike, settings: Settings, *, force: bool = False) -> tuple[Path, bool]:
+    """The steps of one input in a row, in this process, without a run or a report (a library call: the
+    command line and the DAG run the stages). Returns (annotation folder, was already done)."""
     run_dir, done = prepare(input_path, settings, force=force)
     if done:
         return run_dir, True
@@ -629,12 +603,161 @@ def annotate(
         for shard in Shard.all(settings.shards):
             annotate_shard(run_dir, shard)
         merge(run_dir)
-        html = report(run_dir, kernel_name=kernel_name) if with_report else None
-        finish(run_dir, html)
+        finish(run_dir)
     except BaseException as e:
         fail(run_dir, e)
         raise
     return run_dir, False
+
+
+# ------------------------------------------------------------------ the stages -------
+# What the annotation stages' notebooks call: each input of the run (``annotate.inputs``) through the steps above.
+
+PLAN = "plan.json"
+SUMMARY = "summary.json"
+EVENT = "event.json"  # the extra of the stage's asset event (Stage.emits)
+
+
+def _plan(run: "Run") -> dict[str, Any]:
+    return json.loads((run.input("annotate_prepare") / PLAN).read_text())
+
+
+def _folder(run: "Run", entry: dict[str, Any]) -> Path:
+    """An input's annotation folder, as this process sees the outputs folder (the plan keeps it relative)."""
+    return run.params.outputs_path / entry["folder"]
+
+
+def prepare_stage(run: "Run") -> dict[str, Any]:
+    """``annotate_prepare``: each input checked (file, genes against the model's vocabulary), its folder opened,
+    or found annotated already by this model version. A bad input is recorded and the others go on; the stage
+    fails only when no input can be annotated."""
+    a = run.params.annotate
+    if not a.inputs:
+        raise AnnotateError(
+            "no input: this run was neither started by a file in the watched folder nor given one. Fix: trigger "
+            'with conf {"annotate.inputs": ["/path/to/file.h5ad"]}, drop the file into '
+            f"{run.params.resolve(run.params.watch.incoming)}, or run `helical-workflow annotate FILE`."
+        )
+    settings = Settings.from_params(run.params)
+    entries: list[dict[str, Any]] = []
+    for given in a.inputs:
+        path = run.params.resolve(given)
+        try:
+            folder, done = prepare(path, settings, force=a.force)
+        except Exception as e:
+            print(f"{path}: {e}")
+            entries.append({"input": str(path), "error": str(e)})
+            continue
+        m = read_manifest(folder)
+        if done:
+            print(f"{path}: already annotated by {m['model']['key']} (same content): {folder}")
+        else:
+            _update(folder, run=str(run.dir))
+        entries.append(
+            {
+                "input": str(path),
+                "folder": str(folder.relative_to(settings.outputs)),
+                "done": done,
+                "cells": int(m["n_obs"]),
+                "model": m["model"]["key"],
+                "gene_coverage": m["gene_coverage"]["coverage"],
+            }
+        )
+    if not any("folder" in e for e in entries):
+        raise AnnotateError(_errors(entries))
+    plan = {"inputs": entries, "shards": [str(x) for x in Shard.all(settings.shards)]}
+    with run.output("annotate_prepare") as tmp:
+        files.write_json(tmp / PLAN, plan)
+    return plan
+
+
+def _errors(entries: list[dict[str, Any]]) -> str:
+    bad = [e for e in entries if "error" in e]  # an error names its file, or gets the file's name first
+    return "could not annotate: " + "; ".join(
+        e["error"] if Path(e["input"]).name in e["error"] else f"{e['input']}: {e['error']}" for e in bad
+    )
+
+
+def shard_stage(run: "Run", shard: Shard | str | None) -> dict[str, Any]:
+    """``annotate`` (one task per row shard): this row range of every input to annotate."""
+    shard = Shard.parse(shard) or Shard(0, 1)
+    done = [annotate_shard(_folder(run, e), shard) for e in _plan(run)["inputs"] if "folder" in e and not e["done"]]
+    summary = {
+        "shard": str(shard),
+        "cells": sum(d["cells"] for d in done),
+        "seconds": sum(d["seconds"] for d in done),
+        "inputs": len(done),
+    }
+    with files.atomic(run.dir / stages.get("annotate").output / f"{shard.name}.json") as tmp:
+        files.write_json(tmp, summary)
+    return summary
+
+
+def finish_stage(run: "Run") -> dict[str, Any]:
+    """``annotate_finish``: each input's shards merged into its outputs, and the input marked annotated; the
+    run's event (its annotations, for downstream DAGs). Fails, after the others are finished, when an input
+    could not be annotated."""
+
+    entries = _plan(run)["inputs"]
+    report = run.dir / "reports" / Path(stages.get("annotate_finish").notebook_name(None)).with_suffix(".html")
+    results = []
+    for e in entries:
+        if "folder" not in e:
+            continue
+        folder = _folder(run, e)
+        if not e["done"]:
+            try:
+                merge(folder)
+                finish(folder, report)
+            except BaseException as ex:
+                fail(folder, ex)
+                raise
+        m = read_manifest(folder)
+        results.append(
+            {
+                "input": e["input"],
+                "run_dir": str(folder),
+                "already_annotated": e["done"],
+                "model": m["model"]["key"],
+                "cells": (m.get("merged") or {}).get("cells"),
+                **(m.get("merged") or {}).get("outputs", {}),
+                "report": m.get("report"),
+            }
+        )
+    summary = {"annotations": results, "errors": [e for e in entries if "error" in e]}
+    with run.output("annotate_finish") as tmp:
+        files.write_json(tmp / SUMMARY, summary)
+        files.write_json(tmp / EVENT, {"run": str(run.dir), "annotations": results})
+    if summary["errors"]:
+        raise AnnotateError(_errors(entries) + " (the run's other inputs are annotated)")
+    return summary
+
+
+def input_outcomes(plan: dict[str, Any]) -> dict[str, int]:
+    """How many inputs of a run are new, annotated earlier, or failed (the prepare stage's metric)."""
+    out = {"new": 0, "done": 0, "failed": 0}
+    for e in plan["inputs"]:
+        out["failed" if "error" in e else "done" if e["done"] else "new"] += 1
+    return out
+
+
+def scores_table(scores: dict[str, Any]):
+    """The agreement with the input's own labels as a table (not a raw dict)."""
+    import pandas as pd
+
+    names = {
+        "accuracy": "accuracy",
+        "macro_f1": "macro-F1",
+        "scored_cells": "cells scored (label known to the model)",
+        "unknown_labels": "cells whose label the model does not know",
+        "note": "note",
+    }
+    return pd.DataFrame({"value": {names.get(k, k): v for k, v in scores.items()}})
+
+
+def load_summary(run_dir: Path) -> dict[str, Any]:
+    """What an annotation run did: its ``annotate_finish`` summary."""
+    return json.loads((Path(run_dir) / stages.get("annotate_finish").output / SUMMARY).read_text())
 
 
 # ------------------------------------------------------------------ reading back -----
@@ -759,6 +882,6 @@ def score_against_labels(run_dir: Path, preds, path: Path) -> dict[str, Any] | N
     y_true = preds.loc[known, "true_label"].map(ids).to_numpy()
     y_pred = preds.loc[known, "top1_label"].map(ids).to_numpy()
     metrics = evaluate.classification_metrics(y_true, y_pred, labels)
-    evaluate.plot_confusion(metrics["confusion_matrix"], path)
+    evaluate.plot_confusion(metrics["confusion_matrix"], path, cells="input cells with a known label")
     out = {k: metrics[k] for k in ("accuracy", "macro_f1")}
     return {**out, "scored_cells": int(known.sum()), "unknown_labels": int((~known & preds["has_tokens"]).sum())}

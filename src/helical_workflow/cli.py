@@ -311,87 +311,51 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-ANNOTATE_ERRORS = (
-    "AnnotateError",
-    "DatasetError",
-    "TokenizeError",
-    "RegistryError",
-    "ParamsError",
-    "FileNotFoundError",
-)
-
-
-def _annotate_settings(args: argparse.Namespace):
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """An annotation run of the stage engine (prepare, annotate by shard, finish), each stage by its profile's
+    launcher, as the ``helical_annotate`` DAG runs it."""
+    from . import annotate as an
     from . import launchers
-    from .annotate import Settings
 
     params_path = Path(args.params or launchers.project_root() / "params" / "demo.yaml")
-    params = load_params(params_path, check_files=False)
-    return Settings.from_params(
-        params,
-        model=args.model,
-        min_confidence=args.min_confidence,
-        shards=args.shards,
-        outputs=args.out,
-        gene_names=args.gene_names,
-        gene_id_type=args.gene_id_type,
-    )
-
-
-def _annotate_error(e: BaseException) -> int:
-    if type(e).__name__ not in ANNOTATE_ERRORS:
-        raise e
-    print(f"annotate failed: {e}", file=sys.stderr)
-    return 2
-
-
-def cmd_annotate(args: argparse.Namespace) -> int:
-    from . import annotate as an
-
+    model = args.model
+    if model and not str(model).startswith("models:/"):
+        model = str(Path(model).expanduser().resolve())  # a folder, relative to where the command runs
+    overrides: dict[str, object] = {"annotate.inputs": [str(Path(args.input).expanduser().resolve())]}
+    for key, value in (
+        ("annotate.model", model),
+        ("annotate.min_confidence", args.min_confidence),
+        ("annotate.shards", args.shards),
+        ("annotate.gene_names", args.gene_names),
+        ("annotate.gene_id_type", args.gene_id_type),
+        ("annotate.force", args.force or None),
+        ("outputs_dir", str(Path(args.out).resolve()) if args.out else None),
+    ):
+        if value is not None:
+            overrides[key] = value
+    run_id = args.run_id or "annotate__" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")
     try:
-        settings = _annotate_settings(args)
-        run_dir, done = an.annotate(args.input, settings, force=args.force, with_report=not args.no_report)
-    except Exception as e:
-        return _annotate_error(e)
-    m = an.read_manifest(run_dir)
-    if done:
-        print(f"already annotated by {m['model']['key']} (same content, sha256 {m['sha256'][:12]}): {run_dir}")
-    merged = m.get("merged") or {}
-    print(
-        f"{merged.get('cells')} cells annotated with {m['model']['key']} "
-        f"(gene coverage {m['gene_coverage']['coverage']:.1%}; unassigned {merged.get('unassigned')}; "
-        f"no tokens {merged.get('no_tokens')})"
-    )
-    for name, path in (merged.get("outputs") or {}).items():
-        print(f"{name}: {path}")
-    if m.get("report"):
-        print(f"report: {m['report']}")
-    return 0
-
-
-def cmd_annotate_step(args: argparse.Namespace) -> int:
-    """The DAG's steps, each in the kernel environment: prepare, shard, finish (merge + report)."""
-    from . import annotate as an
-
-    try:
-        if args.step == "prepare":
-            run_dir, done = an.prepare(args.target, _annotate_settings(args), force=args.force)
-            shards = [] if done else an.read_manifest(run_dir)["shards"]
-            print(json.dumps({"run_dir": str(run_dir), "done": done, "shards": shards}))
-            return 0
-        run_dir = Path(args.target)
-        try:
-            if args.step == "shard":
-                print(json.dumps(an.annotate_shard(run_dir, args.shard)))
-            else:
-                an.merge(run_dir)
-                m = an.finish(run_dir, an.report(run_dir, kernel_name=args.kernel))
-                print(json.dumps({"run_dir": str(run_dir), "report": m["report"], **m["merged"]}))
-        except BaseException as e:
-            an.fail(run_dir, e)
-            raise
-    except Exception as e:
-        return _annotate_error(e)
+        run = launchers.run_workflow(
+            params_path, run_id, overrides=overrides, workflow="annotate", kernel_name=args.kernel, log_output=False
+        )
+    except (ParamsError, StageFailed) as e:
+        print(f"annotate failed: {e}", file=sys.stderr)
+        return 2
+    for a in an.load_summary(run.dir)["annotations"]:
+        m = an.read_manifest(Path(a["run_dir"]))
+        if a["already_annotated"]:
+            print(f"already annotated by {a['model']} (same content, sha256 {m['sha256'][:12]}): {a['run_dir']}")
+        merged = m.get("merged") or {}
+        print(
+            f"{merged.get('cells')} cells annotated with {a['model']} "
+            f"(gene coverage {m['gene_coverage']['coverage']:.1%}; unassigned {merged.get('unassigned')}; "
+            f"no tokens {merged.get('no_tokens')})"
+        )
+        for name, path in (merged.get("outputs") or {}).items():
+            print(f"{name}: {path}")
+        if m.get("report"):
+            print(f"report: {m['report']}")
+    print(f"run: {run.dir}")
     return 0
 
 
@@ -419,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # internal commands (the launchers call them): no help entry, so `--help` lists users' commands only
     s = sub.add_parser("stage", description="one stage attempt of a created run, in the kernel image")
-    s.add_argument("stage", choices=stages.names())
+    s.add_argument("stage", choices=stages.names(None))
     s.add_argument("run_id")
     s.add_argument("--experiment", required=True, help="the run folder is $HELICAL_WORKFLOW_OUTPUTS/EXPERIMENT/RUN_ID")
     s.add_argument("--shard", default=None, help="I/N: one row shard of a sharded stage")
@@ -430,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finalize-stage", description="report and MLflow logging of a stage attempt (kernel env)")
     f.add_argument("run_dir")
-    f.add_argument("stage", choices=stages.names())
+    f.add_argument("stage", choices=stages.names(None))
     f.add_argument("--status", default="success")
     f.add_argument("--shard", default=None)
     f.add_argument("--seconds", type=float, default=0.0)
@@ -476,16 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("annotate", help="label the cells of any .h5ad with a fine-tuned model (predictions, report)")
     an.add_argument("input", help="the .h5ad to annotate (read in backed mode, never modified)")
     _annotate_options(an)
-    an.add_argument("--no-report", action="store_true", help="skip the report notebook")
+    an.add_argument("--run-id", default=None, help="the annotation run's id (default: annotate__<UTC time>)")
+    an.add_argument("--kernel", default="helical-workflow", help="Jupyter kernel of the stages' notebooks")
     an.set_defaults(func=cmd_annotate)
-
-    ast = sub.add_parser("annotate-step", description="one step of the annotate DAG (kernel environment)")
-    ast.add_argument("step", choices=["prepare", "shard", "finish"])
-    ast.add_argument("target", help="prepare: the input .h5ad; shard, finish: the annotation folder")
-    ast.add_argument("--shard", default=None)
-    ast.add_argument("--kernel", default="helical-workflow")
-    _annotate_options(ast)
-    ast.set_defaults(func=cmd_annotate_step)
     return p
 
 
@@ -499,7 +456,7 @@ def _annotate_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--params", default=None, help="params file for profiles, tracking and outputs (default: demo)")
     a.add_argument("--out", default=None, help="outputs folder (annotations go to OUT/annotate/...)")
     a.add_argument("--min-confidence", type=float, default=None, help="below it a cell is 'unassigned'")
-    a.add_argument("--shards", type=int, default=None, help="row-range shards (run one after another here)")
+    a.add_argument("--shards", type=int, default=None, help="row-range shards (one after another here)")
     a.add_argument("--gene-names", default=None, help="var column with gene names, or 'index'")
     a.add_argument("--gene-id-type", default=None, choices=["symbol", "ensembl"])
     a.add_argument("--force", action="store_true", help="annotate again even if this content was annotated")

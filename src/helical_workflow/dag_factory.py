@@ -1,4 +1,5 @@
-"""Build one Airflow DAG per params file that has a ``dag:` section, from the stage table.
+"""Build one Airflow DAG per params file that has a ``dag:`` section, and ``helical_annotate``, from the stage
+tables (:data:`helical_workflow.stages.STAGES` and :data:`~helical_workflow.stages.ANNOTATE_STAGES`).
 
 Parse time stays cheap: read YAML, validate the schema (pydantic), create one task per
 stage of :data:`helical_workflow.stages.STAGES` (mapped over shards for a sharded stage),
@@ -20,6 +21,14 @@ params file again.
 
 An invalid params file still gets its DAG, so the problem is visible in the UI (in the
 DAG's docs); a run of it fails in the first task, at validation, before any compute.
+
+``helical_annotate`` is built the same way from the annotation stages and the ``annotate:`` and
+``watch:`` sections of ``$HELICAL_ANNOTATE_PARAMS`` (default: ``demo.yaml`` in the params folder).
+It is scheduled on the watched folder's asset (:mod:`helical_workflow.watch`): a complete new
+``.h5ad`` there starts a run whose ``annotate.inputs`` are the new files. It can be triggered by
+hand with ``annotate.inputs`` in its Trigger form (or ``conf``). Its last task sends an event on
+the asset ``helical_annotated`` (``extra``: the run folder and each input's outputs) for
+downstream DAGs.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from airflow.sdk import DAG, BaseOperator, BaseOperatorLink
+from airflow.sdk import DAG, Asset, BaseOperator, BaseOperatorLink
 
 try:
     from airflow.providers.docker.operators.docker import DockerOperator
@@ -42,11 +51,28 @@ except ImportError:  # the docker provider is optional for local-only installs
     DockerOperator = None
 
 from . import launchers, links, stages
-from .params import ON_NEW_DATA, TRIGGER_FIELDS, Params, ParamsError, flatten_overrides, load_params, trigger_form
+from .params import (
+    ANNOTATE_TRIGGER_FIELDS,
+    ON_NEW_DATA,
+    TRIGGER_FIELDS,
+    Params,
+    ParamsError,
+    flatten_overrides,
+    load_params,
+    trigger_form,
+)
+from .runs import runs_root
 from .stages import Shard, Stage
 
 PARAMS_DIR_ENV = "HELICAL_WORKFLOW_PARAMS_DIR"
 DAG_ID_PREFIX = "helical_"  # DAG id: the prefix and the params file's stem
+ANNOTATE_PARAMS_ENV = "HELICAL_ANNOTATE_PARAMS"
+ANNOTATE_DAG_ID = "helical_annotate"
+
+
+def asset(name: str) -> Asset:
+    """The asset a stage sends events on (``Stage.emits``): ``helical_annotated`` is ``helical://annotated``."""
+    return Asset(name=name, uri=f"helical://{name.removeprefix(DAG_ID_PREFIX)}")
 
 
 class _StageLink(BaseOperatorLink):
@@ -96,15 +122,34 @@ class _RunTask:
     def _stage_fields(self, params_path: str, stage: str, run_root: str) -> None:
         self.params_path, self.stage, self.run_root = params_path, stage, run_root
 
+    def overrides(self, context: Any) -> dict[str, Any]:
+        """What this DAG run changes (:func:`run_overrides`); for an annotation, the files that started it."""
+        out = run_overrides(context)
+        if stages.get(self.stage).workflow == "annotate":
+            files = _triggering_files(context)
+            if files:
+                out["annotate.inputs"] = files
+        return out
+
     def create_run(self, context: Any) -> None:
         """The first stage of a container launcher: create the run here, in the worker, before the container (which
         only loads it) starts."""
         if not stages.get(self.stage).upstream:
             with _fail_once_when_invalid():
                 launchers.task_run(
-                    self.params_path, self.stage, str(context["run_id"]), overrides=run_overrides(context)
+                    self.params_path, self.stage, str(context["run_id"]), overrides=self.overrides(context)
                 )
         self.name_map_index(context)
+
+    def emit(self, context: Any) -> None:
+        """A stage that sends an asset event (``Stage.emits``): its extra is the ``event.json`` its output holds."""
+        st = stages.get(self.stage)
+        if not st.emits:
+            return
+        from .runs import safe_run_id
+
+        event = Path(self.run_root) / safe_run_id(str(context["run_id"])) / st.output / "event.json"
+        context["outlet_events"][asset(st.emits)].extra = json.loads(event.read_text())
 
     def name_map_index(self, context: Any) -> None:
         """A mapped task's readable name (its ``map_index_template``): the trial's settings, or the shard's rows."""
@@ -137,13 +182,20 @@ def shard_label(run: Any, shard: Shard | None) -> str:
 
 @contextlib.contextmanager
 def _fail_once_when_invalid():
-    """An invalid params file or override fails the task at once, without retries: a retry cannot fix it."""
+    """An invalid params file or override, or a stage failed by its input (a broken file), fails the task at once,
+    without retries: a retry cannot fix it."""
     from airflow.sdk.exceptions import AirflowFailException
+
+    from .runs import StageFailed
 
     try:
         yield
     except ParamsError as e:
         raise AirflowFailException(str(e)) from None
+    except StageFailed as e:
+        if e.permanent:
+            raise AirflowFailException(str(e)) from None
+        raise
 
 
 class StageOperator(_RunTask, BaseOperator):
@@ -173,6 +225,7 @@ class StageOperator(_RunTask, BaseOperator):
         self.name_map_index(context)  # before the work, so that a failed trial is named too
         with _fail_once_when_invalid():
             a = self._run(context)
+        self.emit(context)
         return str(a.run_dir)  # only a path goes to XCom: stages hand over files
 
     def _run(self, context: Any):
@@ -181,7 +234,7 @@ class StageOperator(_RunTask, BaseOperator):
             self.stage,
             str(context["run_id"]),
             shard=self.shard,
-            overrides=run_overrides(context),
+            overrides=self.overrides(context),
             run_root=self.run_root,
             kernel_name=self.kernel_name,
         )
@@ -192,9 +245,21 @@ def run_overrides(context: Any) -> dict[str, Any]:
 
     Nothing is ignored: a key that is not a params field fails the task at validation, with the fix.
     """
-    form = {k: v for k, v in (context.get("params") or {}).items() if k in TRIGGER_FIELDS}
+    fields = (*TRIGGER_FIELDS, *ANNOTATE_TRIGGER_FIELDS)
+    form = {k: v for k, v in (context.get("params") or {}).items() if k in fields}
     dag_run = context.get("dag_run")
     return {**form, **flatten_overrides(getattr(dag_run, "conf", None) or {})}
+
+
+def _triggering_files(context: Any) -> list[str]:
+    """The files of the watched folder's events that started this DAG run (none for a hand-triggered run)."""
+    files: list[str] = []
+    for events in (context.get("triggering_asset_events") or {}).values():
+        for ev in events:
+            payload = (ev.extra or {}).get("payload") or {}
+            if payload.get("path") and payload["path"] not in files:
+                files.append(payload["path"])
+    return files
 
 
 class DockerStageOperator(_RunTask, DockerOperator if DockerOperator is not None else object):  # type: ignore[misc]
@@ -217,7 +282,9 @@ class DockerStageOperator(_RunTask, DockerOperator if DockerOperator is not None
 
         try:
             self.labels = self._remove_earlier_tries(context)
-            return super().execute(context)
+            out = super().execute(context)
+            self.emit(context)
+            return out
         except (APIError, DockerException) as e:
             raise RuntimeError(launchers.explain_docker_error(e, self.image, self.docker_url)) from None
         except Exception as e:  # the hook's "Failed to establish connection to any given Docker hosts."
@@ -267,7 +334,9 @@ def _kubernetes_stage_operator() -> type:
 
         def execute(self, context: Any) -> Any:
             self.create_run(context)
-            return super().execute(context)
+            out = super().execute(context)
+            self.emit(context)
+            return out
 
     KubernetesStageOperator.__module__ = __name__
     KubernetesStageOperator.__qualname__ = "KubernetesStageOperator"
@@ -291,10 +360,12 @@ def make_task(params: Params | None, path: Path, stage: Stage, common: dict[str,
     stage's resource profile (:data:`helical_workflow.launchers.LAUNCHERS`)."""
     shards: list[Shard | None] = stage.shards(params)
     launcher = launchers.LAUNCHERS[params.profile_for(stage.name).launcher if params else "local"]
-    run_root = str(params.outputs_path / params.experiment) if params else ""
+    run_root = str(runs_root(params.outputs_path, params.experiment, stage.workflow)) if params else ""
     fields = {"params_path": str(path), "stage": stage.name, "run_root": run_root}
     cls, kw, field, per_task = globals()[launcher.airflow_task](params, stage, shards)
     kw.update(fields)
+    if stage.emits:
+        common = {**common, "outlets": [asset(stage.emits)]}
     if len(shards) > 1:  # dynamic task mapping: one task instance per row shard, whatever the launcher
         # each mapped task is named by its trial's settings or its shard (set in the context by the operator)
         common = {**common, "map_index_template": "{{ " + MAP_INDEX_LABEL + " }}"}
@@ -362,13 +433,13 @@ def _dag_section(path: Path) -> tuple[dict[str, Any] | None, bool]:
     return (raw.get("dag") or {}), True
 
 
-def _form(params: Params | None) -> dict[str, Any]:
+def _form(params: Params | None, fields: tuple[str, ...] = TRIGGER_FIELDS) -> dict[str, Any]:
     """The Trigger form: Airflow Params derived from the schema (type, bounds, help; defaults from the file)."""
     from airflow.sdk import Param
 
     if params is None:
         return {}
-    return {name: Param(spec.pop("default"), **spec) for name, spec in trigger_form(params).items()}
+    return {name: Param(spec.pop("default"), **spec) for name, spec in trigger_form(params, fields).items()}
 
 
 def _doc(path: Path, params: Params | None) -> str:
@@ -438,8 +509,15 @@ def build_dag(path: Path) -> DAG | None:
         render_template_as_native_obj=False,
         default_args={"owner": "helical-workflow"},
     )
+    _stage_tasks(dag, params, path, stages.STAGES)
+    return dag
+
+
+def _stage_tasks(dag: DAG, params: Params | None, path: Path, table: tuple[Stage, ...]) -> None:
+    """One task per stage of ``table`` (mapped over its shards or trials), by its profile's launcher, wired by the
+    stages' upstream."""
     tasks: dict[str, Any] = {}
-    for stage in stages.STAGES:
+    for stage in table:
         profile = params.profile_for(stage.name) if params else None
         common: dict[str, Any] = dict(
             task_id=stage.name,
@@ -459,7 +537,6 @@ def build_dag(path: Path) -> DAG | None:
         tasks[stage.name] = make_task(params, path, stage, common)
         for up in stage.upstream:
             tasks[up] >> tasks[stage.name]
-    return dag
 
 
 def _schedule(params: Params | None) -> Any:
@@ -493,6 +570,9 @@ def params_dir_default() -> Path:
 
 def params_file(dag_id: str) -> Path | None:
     """The params file a workflow DAG was built from (None for another DAG)."""
+    if dag_id == ANNOTATE_DAG_ID:
+        path = annotate_params_file()
+        return path if path.is_file() else None
     if not dag_id.startswith(DAG_ID_PREFIX):
         return None
     path = params_dir_default() / f"{dag_id.removeprefix(DAG_ID_PREFIX)}.yaml"
@@ -500,6 +580,7 @@ def params_file(dag_id: str) -> Path | None:
 
 
 def build_dags(params_dir: Path | None = None) -> dict[str, DAG]:
+    """Every workflow DAG of the params folder, and ``helical_annotate``."""
     params_dir = Path(params_dir) if params_dir else params_dir_default()
     dags = {}
     for path in sorted(params_dir.glob("*.yaml")):
@@ -508,4 +589,64 @@ def build_dags(params_dir: Path | None = None) -> dict[str, DAG]:
         dag = build_dag(path)
         if dag is not None:
             dags[dag.dag_id] = dag
+    path = annotate_params_file(params_dir)
+    annotate = build_annotate_dag(path) if path.is_file() else None
+    if annotate is not None:
+        dags[annotate.dag_id] = annotate
     return dags
+
+
+def annotate_params_file(params_dir: Path | None = None) -> Path:
+    env = os.environ.get(ANNOTATE_PARAMS_ENV)
+    return Path(env) if env else Path(params_dir or params_dir_default()) / "demo.yaml"
+
+
+def build_annotate_dag(path: Path) -> DAG | None:
+    """``helical_annotate``: the annotation stages, scheduled on the watched folder's asset."""
+    from airflow.sdk import AssetWatcher
+
+    from .watch import IncomingH5adTrigger
+
+    try:
+        params = load_params(path, check_files=False)
+    except ParamsError:
+        return None  # the training DAG of the same file shows the problem
+    incoming = params.resolve(params.watch.incoming)
+    w = params.watch
+    watched = Asset(
+        name="helical_incoming",
+        uri=incoming.as_uri(),
+        watchers=[
+            AssetWatcher(
+                name="incoming_h5ad",
+                trigger=IncomingH5adTrigger(
+                    directory=str(incoming), stable_seconds=w.stable_seconds, poll_seconds=w.poll_seconds
+                ),
+            )
+        ],
+    )
+    model = params.annotate.model or f"models:/{params.registered_model}@champion"
+    chain = " → ".join(s.name for s in stages.ANNOTATE_STAGES)
+    dag = DAG(
+        dag_id=ANNOTATE_DAG_ID,
+        description=f"Annotate new .h5ad files in {w.incoming} with {model}",
+        schedule=[watched],
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        max_active_runs=4,
+        # watching is what this DAG is for: it starts unpaused, so a file dropped in the folder is annotated
+        is_paused_upon_creation=False,
+        tags=["annotate", params.experiment],
+        params=_form(params, ANNOTATE_TRIGGER_FIELDS),
+        render_template_as_native_obj=False,
+        doc_md=(
+            f"Annotation of new data with `{model}`: {chain}, each a papermill notebook (the executed notebook is "
+            f"the report). Watched folder: `{incoming}` (a file stable for {w.stable_seconds:g} s starts a run). "
+            f"By hand: trigger with `annotate.inputs` (one path per line). Run folders: "
+            f"`{runs_root(params.outputs_path, params.experiment, 'annotate')}/<run id>/`; each input's outputs: "
+            f"`{params.outputs_path / 'annotate'}/<sha256>-<name>/<model version>/`."
+        ),
+        default_args={"owner": "helical-workflow"},
+    )
+    _stage_tasks(dag, params, path, stages.ANNOTATE_STAGES)
+    return dag

@@ -155,7 +155,7 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-def plot_confusion(cm: dict[str, Any], path: Path) -> None:
+def plot_confusion(cm: dict[str, Any], path: Path, cells: str = "test split") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,7 +180,7 @@ def plot_confusion(cm: dict[str, Any], path: Path) -> None:
                     fontsize=8,
                     color="white" if norm[i, j] > 0.5 else "black",
                 )
-    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test split, row-normalised colour)")
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix ({cells}, row-normalised colour)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

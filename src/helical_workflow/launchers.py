@@ -33,11 +33,13 @@ from . import stages
 from .params import Params
 from .runs import (
     PATH_MAP_ENV,
+    PERMANENT_ERRORS,
     Attempt,
     Run,
     StageFailed,
     StageNotReady,
     pinned,
+    run_dir_for,
     safe_run_id,
     shared_storage_hint,
 )
@@ -95,13 +97,14 @@ def task_run(
     """The run a stage task works in. The first stage (no upstream) creates it from the params file and the
     trigger's ``overrides``, validated once and pinned in the run folder; every later stage loads the run from
     ``run_root/<run id>`` (``outputs/<experiment>``) and never reads the params file again."""
-    if not stages.get(stage).upstream:
-        return Run.create(params_path, run_id, overrides=overrides)
+    st = stages.get(stage)
+    if not st.upstream:
+        return Run.create(params_path, run_id, overrides=overrides, workflow=st.workflow)
     if run_root is None:
         raise ValueError(f"stage '{stage}' loads its run: it needs run_root (outputs/<experiment>)")
     run_dir = Path(run_root) / safe_run_id(run_id)
     if pinned(run_dir) is None:  # the first task created it elsewhere, or has not run
-        first = stages.STAGES[0].name
+        first = stages.table(st.workflow)[0].name
         raise StageNotReady(
             f"stage '{stage}' needs '{first}' to have succeeded in {run_dir}, which created the run; this machine "
             f"sees no run there. {shared_storage_hint(run_dir, first)}"
@@ -154,6 +157,10 @@ def _papermill(run: Run, a: Attempt, *, kernel_name: str, log_output: bool) -> N
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    kernels = project_root() / ".venv" / "jupyter" / "share" / "jupyter"
+    if not os.environ.get("JUPYTER_PATH") and kernels.is_dir():  # the project's kernel, from a bare shell
+        os.environ["JUPYTER_PATH"] = str(kernels)
+
     parameters: dict[str, Any] = {"params_path": str(run.params_file), "run_dir": str(run.dir)}
     if a.shard is not None:
         parameters[a.shard.kind] = str(a.shard)  # the notebook's `shard` or `trial` parameter
@@ -173,7 +180,8 @@ def _papermill(run: Run, a: Attempt, *, kernel_name: str, log_output: bool) -> N
     except PapermillExecutionError as e:
         raise StageFailed(
             f"stage '{a.key}' failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-            f"The executed notebook with the full error is {a.notebook}"
+            f"The executed notebook with the full error is {a.notebook}",
+            permanent=e.ename in PERMANENT_ERRORS,
         ) from None
 
 
@@ -428,7 +436,7 @@ def run_stage_in_image(stage: str, run_id: str, experiment: str, *, shard: str |
             "stages through a launcher (Airflow, or `helical-workflow run`)."
         )
     try:
-        run = Run.load(Path(outputs) / experiment / safe_run_id(run_id))
+        run = Run.load(run_dir_for(Path(outputs), experiment, run_id, stages.get(stage).workflow))
     except FileNotFoundError as e:
         raise StageFailed(str(e)) from None
     return run_stage(run, stage, shard=shard)
@@ -500,16 +508,17 @@ def run_workflow(
     only: tuple[str, ...] | None = None,
     *,
     overrides: dict[str, Any] | None = None,
+    workflow: str = "train",
     **kw: Any,
 ) -> Run:
-    """Every stage in table order (shards one after another), each by its profile's launcher.
+    """Every stage of the workflow's table in order (shards one after another), each by its profile's launcher.
 
     The run is created first: the params file and ``overrides`` are validated once, before any stage starts,
     and pinned in the run folder, which every stage then reads.
     """
-    run = Run.create(params_path, run_id, overrides=overrides)
+    run = Run.create(params_path, run_id, overrides=overrides, workflow=workflow)
     failed: dict[int, str] = {}  # trial -> why; its later stages are skipped, the other trials go on
-    for st in stages.STAGES:
+    for st in run.stages:
         if only and st.name not in only:
             continue
         for shard in st.shards(run.params):

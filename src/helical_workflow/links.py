@@ -64,7 +64,12 @@ def report_path(params: "Params", stage: str, run_id: str, map_index: int = -1) 
     """The HTML report of one stage task: ``<run folder>/reports/NN_<stage>[.<shard>].html``."""
     st = stages.get(stage)
     nb = st.notebook_name(_shard(st, params, map_index))
-    return run_dir_for(params.outputs_path, params.experiment, run_id) / "reports" / Path(nb).with_suffix(".html")
+    return _run_dir(params, stage, run_id) / "reports" / Path(nb).with_suffix(".html")
+
+
+def _run_dir(params: "Params", stage: str, run_id: str) -> Path:
+    """The folder of the run a stage task belongs to (training, or annotation)."""
+    return run_dir_for(params.outputs_path, params.experiment, run_id, stages.get(stage).workflow)
 
 
 def report_url(params: "Params", stage: str, run_id: str, map_index: int = -1, dag_id: str | None = None) -> str:
@@ -98,10 +103,10 @@ def served_report(params_file: Path, run_id: str, stage: str, map_index: int = -
     from .params import load_params
     from .runs import Run, pinned
 
-    if stage not in stages.names():
+    if stage not in stages.names(None):
         return None
     params = load_params(params_file, check_files=False)
-    run_dir = run_dir_for(params.outputs_path, params.experiment, run_id)
+    run_dir = _run_dir(params, stage, run_id)
     if pinned(run_dir):
         params = Run.load(run_dir).params
     shards = stages.get(stage).shards(params)
@@ -121,7 +126,7 @@ def _ui_base(tracking_uri: str | None) -> str:
 def _recorded_run(params: "Params", stage: str, run_id: str, map_index: int) -> dict[str, Any] | None:
     """``{"run_id", "experiment_id", "tracking_uri"}`` from run.json (a trial's own child run first)."""
     st = stages.get(stage)
-    run_dir = run_dir_for(params.outputs_path, params.experiment, run_id)
+    run_dir = _run_dir(params, stage, run_id)
     shard = _shard(st, params, map_index)
     folders = [run_dir]
     if shard is not None and shard.kind == "trial":
@@ -156,7 +161,9 @@ def find_mlflow_run(params: "Params", stage: str, run_id: str, map_index: int = 
         return None
     shard = _shard(stages.get(stage), params, map_index)
     name = safe_run_id(run_id) + (f"/trial-{shard.i}" if shard is not None and shard.kind == "trial" else "")
-    query = urllib.parse.urlencode({"experiment_name": params.experiment})
+    workflow = stages.get(stage).workflow
+    experiment = params.experiment if workflow == "train" else f"{params.experiment}-{workflow}"
+    query = urllib.parse.urlencode({"experiment_name": experiment})
     try:
         exp_id = _rest(uri, f"experiments/get-by-name?{query}")["experiment"]["experiment_id"]
         found = _rest(

@@ -266,6 +266,12 @@ class RegistryParams(_Strict):
 class AnnotateParams(_Strict):
     """``annotate:``: labelling new data with a fine-tuned model (the annotate command and DAG)."""
 
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="the .h5ad files an annotation run labels (set per run: the watched folder's new files, the "
+        "Trigger form, or `helical-workflow annotate FILE`)",
+    )
+    force: bool = Field(False, description="annotate again content this model version already annotated")
     model: str | None = Field(
         None,
         description="models:/<name>@<alias>, models:/<name>/<version>, a run (or trial) folder, or a package "
@@ -361,7 +367,7 @@ class Params(_Strict):
     @field_validator("stage_profiles")
     @classmethod
     def _known_stages(cls, v: dict[str, str]) -> dict[str, str]:
-        known = stages.names()
+        known = stages.names(None)
         for name in v:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
@@ -432,7 +438,7 @@ class Params(_Strict):
         """The parameters as they were resolved for a run (JSON-serialisable)."""
         d = self.model_dump(mode="json")
         d["data"]["path"] = str(self.data_path)
-        d["resolved_profiles"] = {s: self.profile_for(s).model_dump(mode="json") for s in stages.names()}
+        d["resolved_profiles"] = {s: self.profile_for(s).model_dump(mode="json") for s in stages.names(None)}
         return d
 
     def resolved(self) -> dict[str, Any]:
@@ -558,6 +564,14 @@ TRIGGER_FIELDS = (
     "fine_tune.early_stopping_patience",
     "profile",
 )
+# The annotation DAG's Trigger form (helical_annotate): what to annotate, with which model.
+ANNOTATE_TRIGGER_FIELDS = (
+    "annotate.inputs",
+    "annotate.model",
+    "annotate.min_confidence",
+    "annotate.force",
+    "profile",
+)
 
 
 def flatten_overrides(conf: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
@@ -663,12 +677,12 @@ def _get(params: Params, dotted: str) -> Any:
     return cur.model_dump(mode="json") if isinstance(cur, BaseModel) else cur
 
 
-def trigger_form(params: Params) -> dict[str, dict[str, Any]]:
+def trigger_form(params: Params, fields: tuple[str, ...] = TRIGGER_FIELDS) -> dict[str, dict[str, Any]]:
     """JSON-schema specs (type, bounds, description, default from the file) for the Trigger form's fields."""
     schema = Params.model_json_schema()
     defs = schema.get("$defs", {})
     out: dict[str, dict[str, Any]] = {}
-    for dotted in TRIGGER_FIELDS:
+    for dotted in fields:
         node: dict[str, Any] = schema
         for part in dotted.split("."):
             node = node["properties"][part]
@@ -677,7 +691,8 @@ def trigger_form(params: Params) -> dict[str, dict[str, Any]]:
         spec = {
             k: v
             for k, v in node.items()
-            if k in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "description")
+            if k
+            in ("type", "items", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "description")
         }
         if "anyOf" in node:  # `int | None`: a nullable type with the bounds of its non-null branch
             branches = node["anyOf"]

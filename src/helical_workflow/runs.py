@@ -45,8 +45,16 @@ def safe_run_id(run_id: str) -> str:
     return safe
 
 
-def run_dir_for(outputs: Path, experiment: str, run_id: str) -> Path:
-    return Path(outputs) / experiment / safe_run_id(run_id)
+def runs_root(outputs: Path, experiment: str, workflow: str = "train") -> Path:
+    """Where the runs of an experiment's workflow live: ``outputs/<experiment>/`` (training), or
+    ``outputs/annotate/runs/<experiment>/`` (annotation: each input's results are content-addressed beside it)."""
+    if workflow == "train":
+        return Path(outputs) / experiment
+    return Path(outputs) / workflow / "runs" / experiment
+
+
+def run_dir_for(outputs: Path, experiment: str, run_id: str, workflow: str = "train") -> Path:
+    return runs_root(outputs, experiment, workflow) / safe_run_id(run_id)
 
 
 def _locked(run_dir: Path):
@@ -71,9 +79,11 @@ def _read_pinned(run_dir: Path) -> "Params":
     return _mapped(params)
 
 
-def _share_with_containers(run_dir: Path) -> None:
-    """Container stages run as another user (the image's, uid 1000): let them write the run folder's parts."""
-    for p in [run_dir, *run_dir.rglob("*")]:
+def _share_with_containers(run_dir: Path, outputs: Path) -> None:
+    """Container stages run as another user (the image's, uid 1000): let them write the run folder's parts, and
+    the folders between it and the outputs folder (an annotation's results go beside its run)."""
+    above = [p for p in run_dir.parents if outputs in p.parents]
+    for p in [*above, run_dir, *run_dir.rglob("*")]:
         try:
             os.chmod(p, 0o777 if p.is_dir() else 0o666)
         except OSError:
@@ -175,7 +185,18 @@ def require_stage_output(run_dir: Path, name: str, produced_by: str | None = Non
 
 
 class StageFailed(RuntimeError):
-    """A stage failed or could not start. The executed notebook (with the error) is in the run folder."""
+    """A stage failed or could not start. The executed notebook (with the error) is in the run folder.
+
+    ``permanent``: the cause is in the input (a broken or unusable file, invalid params), so a retry would fail
+    the same way: Airflow fails the task at once."""
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# Errors raised in a notebook that no retry can fix: the input must change.
+PERMANENT_ERRORS = ("DatasetError", "AnnotateError", "ParamsError", "TokenizeError")
 
 
 class StageNotReady(StageFailed):
@@ -236,7 +257,11 @@ def _mapped(params: "Params") -> "Params":
     data = params.data.model_copy(update={"path": here(str(params.data_path)) or params.data.path})
     model = params.model.model_copy(update={"cache_dir": here(params.model.cache_dir)})
     outputs = here(str(params.outputs_path)) or params.outputs_dir
-    return params.model_copy(update={"data": data, "model": model, "outputs_dir": outputs})
+    a = params.annotate  # an annotation's inputs, and its model when it is a folder
+    inputs = [here(str(params.resolve(p))) or p for p in a.inputs]
+    ref = a.model if not a.model or a.model.startswith("models:/") else here(str(params.resolve(a.model))) or a.model
+    annotate = a.model_copy(update={"inputs": inputs, "model": ref})
+    return params.model_copy(update={"data": data, "model": model, "outputs_dir": outputs, "annotate": annotate})
 
 
 class Run:
@@ -261,12 +286,15 @@ class Run:
         *,
         root: "Run | None" = None,
         trial: Shard | None = None,
+        workflow: str = "train",
     ):
         self.params = params
         self.dir = Path(run_dir).resolve()
         self.run_id = run_id or self.dir.name
         self.root = root or self  # a sweep trial's run folder lives inside the run's: trials/<k>/
         self.trial = trial
+        self.workflow = workflow  # "train" or "annotate": the stage table its stages come from
+        self.stages = stages.table(workflow)
 
     # --- created once, then loaded -------------------------------------------------
     @classmethod
@@ -277,20 +305,23 @@ class Run:
         *,
         run_dir: Path | str | None = None,
         overrides: dict[str, Any] | None = None,
+        workflow: str = "train",
     ) -> "Run":
         """Create the run of a params file (or object) with ``overrides`` merged, validated once, and pinned in
-        its folder. A run folder that already has its params (the first task's retry) is loaded as created."""
+        its folder. A run folder that already has its params (the first task's retry) is loaded as created.
+
+        An annotation run (``workflow="annotate"``) does not need the training data file to exist."""
         from .params import Params, apply_overrides, load_params
 
         if run_dir is not None and pinned(run_dir):
             return cls.load(run_dir)
         if not isinstance(params, Params):
-            params = load_params(params)
+            params = load_params(params, check_files=workflow == "train")
         params = apply_overrides(params, overrides)
         if run_dir is None:
             if run_id is None:
                 raise ValueError("Run.create needs a run_id or a run_dir")
-            run_dir = run_dir_for(params.outputs_path, params.experiment, run_id)
+            run_dir = run_dir_for(params.outputs_path, params.experiment, run_id, workflow)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         # two first tasks at once (a retry racing a zombie): one creates, one loads (a lock of its own: pinning
@@ -298,7 +329,7 @@ class Run:
         with file_lock(run_dir / ".create.lock"):
             if pinned(run_dir):
                 return cls.load(run_dir)
-            run = cls(params, run_dir, run_id)
+            run = cls(params, run_dir, run_id, workflow=workflow)
             run._pin()
         return run
 
@@ -308,7 +339,7 @@ class Run:
         run_dir = Path(run_dir)
         params = _read_pinned(run_dir)
         m = read_manifest(run_dir)
-        run = cls(params, run_dir, m.get("run_id"))
+        run = cls(params, run_dir, m.get("run_id"), workflow=m.get("workflow", "train"))
         if trial is None:
             return run
         if isinstance(trial, int):
@@ -344,14 +375,16 @@ class Run:
 
         def change(m: dict[str, Any]) -> None:
             m.update(experiment=self.params.experiment, run_id=self.run_id, created=now_iso(), host=platform.node())
+            if self.workflow != "train":
+                m["workflow"] = self.workflow
             m["params"] = self.params.snapshot()
             if self.params.overrides:  # what the trigger changed (the run's own params already carry it)
                 m["overrides"] = dict(self.params.overrides)
             m.setdefault("stages", {})
 
         self.update(change)
-        if any(self.params.profile_for(s).launcher != "local" for s in stages.names()):
-            _share_with_containers(self.dir)
+        if any(self.params.profile_for(s.name).launcher != "local" for s in self.stages):
+            _share_with_containers(self.dir, self.params.outputs_path)
 
     def for_trial(self, trial: "Shard | str") -> "Run":
         """A sweep trial: its folder ``trials/<k>/`` (``model/``, ``checkpoints/``, ``evaluate/``), its pinned
@@ -443,6 +476,12 @@ class Run:
             raise StageNotReady(
                 f"stage '{stage.name}' needs {ups} to have succeeded in {self.dir} ({detail}). Fix: run {ups} first."
             )
+
+    @property
+    def mlflow_experiment(self) -> str:
+        """The MLflow experiment of the run: the params' experiment; ``<experiment>-annotate`` for annotations."""
+        e = self.params.experiment
+        return e if self.workflow == "train" else f"{e}-{self.workflow}"
 
     def input(self, stage: str) -> Path:
         """The output folder of an upstream stage, or a clear error naming the stage to run first."""
@@ -537,7 +576,7 @@ class Run:
         from .tracking import write_status_metrics
 
         workflow_s = None
-        if a.stage.name == stages.last().name and a.status == "success":
+        if a.stage.name == stages.last(self.workflow).name and a.status == "success":
             created = self.manifest.get("created")
             if created:
                 workflow_s = (datetime.now(UTC) - datetime.fromisoformat(created)).total_seconds()
@@ -579,7 +618,7 @@ class Run:
                 child.terminate("FINISHED" if a.status == "success" else "FAILED")
         elif a.status != "success":
             ml.terminate("FAILED")
-        if a.status == "success" and a.stage.name == stages.last().name:
+        if a.status == "success" and a.stage.name == stages.last(self.workflow).name:
             ml.terminate("FINISHED")
             from .tracking import PENDING
 

@@ -1,9 +1,13 @@
 """The stage table: every stage of the workflow, declared once.
 
 A stage has a name, a notebook, upstream stages, the run-folder output it writes, how it
-shards (not at all, or over row ranges) and the Prometheus metrics it reports. The DAG
-factory, the launchers, the CLI, the notebooks, the run folder and the Grafana dashboard
-all read this table. Adding a stage is one entry in :data:`STAGES` and one notebook.
+shards (not at all, over row ranges, or over a sweep's trials) and the Prometheus metrics it
+reports. The DAG factory, the launchers, the CLI, the notebooks, the run folder and the
+Grafana dashboard all read this table. Adding a stage is one entry and one notebook.
+
+Two workflows share the engine: training (:data:`STAGES`: load → tokenize → fine_tune →
+evaluate → compare) and annotation of new data with a trained model (:data:`ANNOTATE_STAGES`:
+annotate_prepare → annotate → annotate_finish). Each run belongs to one of them.
 
 Light on purpose (standard library only): Airflow imports it at DAG parse time.
 """
@@ -112,6 +116,8 @@ class Stage:
     description: str = ""
     needs: Literal["all", "any"] = "all"  # "any": runs when at least one upstream task succeeded (after a sweep)
     artifacts: bool = False  # log the output folder to MLflow after a successful attempt (small outputs only)
+    workflow: Literal["train", "annotate"] = "train"  # which table (and which runs) the stage belongs to
+    emits: str | None = None  # an Airflow asset (by name) with an event per successful task: its output's event.json
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def shard_count(self, params: "Params | None") -> int:
@@ -225,35 +231,85 @@ STAGES: tuple[Stage, ...] = (
     ),
 )  # end of STAGES
 
+# Annotation of new data with a trained model: one run per DAG run (or command), whatever number of inputs.
+# Each input's results go to its content-addressed folder ``annotate/<sha256[:12]>-<stem>/<model key>/``, so
+# that the same content is never annotated twice by the same model version.
+ANNOTATE_STAGES: tuple[Stage, ...] = (
+    Stage(
+        "annotate_prepare",
+        "06_annotate_prepare.ipynb",
+        (),
+        "prepare",
+        workflow="annotate",
+        metrics=(CELLS, _gauge("helical_annotate_inputs", "Inputs of the run, by outcome", "status")),
+        description="check each input and the model (gene coverage); skip content this model version annotated",
+    ),
+    Stage(
+        "annotate",
+        "07_annotate.ipynb",
+        ("annotate_prepare",),
+        "shards",
+        workflow="annotate",
+        sharding="rows",
+        shards_param="annotate.shards",
+        metrics=(CELLS, _gauge("helical_annotate_cells_per_second", "Annotation throughput")),
+        description="tokenize and predict one row range of every input (batched inference, no gradients)",
+    ),
+    Stage(
+        "annotate_finish",
+        "08_annotate_report.ipynb",
+        ("annotate",),
+        "annotations",
+        workflow="annotate",
+        metrics=(CELLS,),
+        emits="helical_annotated",
+        description="merge the shards into predictions, embeddings and annotated.h5ad; the report",
+    ),
+)
 
-def names() -> tuple[str, ...]:
-    return tuple(s.name for s in STAGES)
+WORKFLOWS: dict[str, tuple[Stage, ...]] = {"train": STAGES, "annotate": ANNOTATE_STAGES}
+
+
+def table(workflow: str = "train") -> tuple[Stage, ...]:
+    try:
+        return WORKFLOWS[workflow]
+    except KeyError:
+        raise KeyError(f"unknown workflow {workflow!r}; workflows: {', '.join(WORKFLOWS)}") from None
+
+
+def names(workflow: str | None = "train") -> tuple[str, ...]:
+    """The stage names of one workflow (None: of all of them)."""
+    stages = [s for w in WORKFLOWS.values() for s in w] if workflow is None else table(workflow)
+    return tuple(s.name for s in stages)
 
 
 def get(name: str) -> Stage:
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(names())}")
+    for w in WORKFLOWS.values():
+        for s in w:
+            if s.name == name:
+                return s
+    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(names(None))}")
 
 
-def producer(output: str) -> Stage:
+def producer(output: str, workflow: str = "train") -> Stage:
     """The stage that writes run-folder output ``output``."""
-    for s in STAGES:
+    for s in table(workflow):
         if s.output == output:
             return s
     raise KeyError(f"no stage writes {output!r}")
 
 
-def last() -> Stage:
-    """The stage after which a workflow run is complete (nothing downstream of it)."""
-    downstream = {u for s in STAGES for u in s.upstream}
-    return [s for s in STAGES if s.name not in downstream][-1]
+def last(workflow: str = "train") -> Stage:
+    """The stage after which a run of the workflow is complete (nothing downstream of it)."""
+    stages = table(workflow)
+    downstream = {u for s in stages for u in s.upstream}
+    return [s for s in stages if s.name not in downstream][-1]
 
 
 def all_metrics() -> dict[str, Metric]:
     """Every declared metric by the series name Prometheus stores (what dashboards query)."""
     out: dict[str, Metric] = {}
-    for m in (*WORK_METRICS, *STATUS_METRICS, *(m for s in STAGES for m in s.metrics)):
+    every = (s for w in WORKFLOWS.values() for s in w)
+    for m in (*WORK_METRICS, *STATUS_METRICS, *(m for s in every for m in s.metrics)):
         out[m.series] = m
     return out

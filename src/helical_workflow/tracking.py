@@ -238,13 +238,14 @@ class MlflowRun:
         from mlflow.entities import Param
 
         params, client = self.run.params, self.client
-        exp = client.get_experiment_by_name(params.experiment)
+        experiment = self.run.mlflow_experiment
+        exp = client.get_experiment_by_name(experiment)
         if exp is None:
             artifact_location = None
             if self.uri.startswith("sqlite:///"):
-                artifact_location = (params.outputs_path / "mlartifacts" / params.experiment).as_uri()
+                artifact_location = (params.outputs_path / "mlartifacts" / experiment).as_uri()
             exp_id = client.create_experiment(
-                params.experiment,
+                experiment,
                 artifact_location=artifact_location,
                 tags={"mlflow.experimentKind": "custom_model_development"},
             )
