@@ -144,13 +144,11 @@ def resolve_model(ref: str, *, tracking_uri: str, cache: Path) -> tuple[Path, di
     folder = Path(ref).expanduser().resolve()
     if (folder / registry.WORKFLOW).is_file():  # a package folder (registry.load or build_package)
         return folder, _folder_identity(ref, folder, folder)
-    model_dir, params_file = _run_model(folder)
+    model_dir, run_folder = _run_model(folder)
     identity = _folder_identity(ref, folder, model_dir)  # hashes the weights: once
     dest = Path(cache) / identity["key"] / registry.PACKAGE
     if not (dest / registry.WORKFLOW).is_file():
-        from .params import load_params
-
-        params = load_params(params_file, check_files=False)
+        params = runs.Run.load(run_folder).params  # the run's pinned params, as this process sees their paths
         validation = _validation_of(model_dir)
         with files.atomic(dest, directory=True) as tmp:
             registry.build_package(params, model_dir, tmp, validation=validation)
@@ -165,7 +163,7 @@ def _folder_identity(ref: str, folder: Path, model_dir: Path) -> dict[str, Any]:
 
 
 def _run_model(folder: Path) -> tuple[Path, Path]:
-    """(model folder, params file) of a run folder, a trial folder or a ``model/`` folder."""
+    """(model folder, the run or trial folder holding it) of a run folder, a trial folder or a ``model/`` folder."""
     from . import modeling
 
     if not folder.exists():
@@ -183,7 +181,7 @@ def _run_model(folder: Path) -> tuple[Path, Path]:
         candidates = sorted((up / "params").glob("*.yaml")) if (up / "params").is_dir() else []
         candidates = [c for c in candidates if c.name != "profiles.yaml"]
         if (up / "run.json").is_file() and candidates:
-            return model_dir, candidates[0]
+            return model_dir, up
     raise AnnotateError(
         f"{model_dir} is not inside a run folder (no run.json and params/ above it), so its tokenizer "
         "settings are unknown. Fix: give the run folder itself, or a registered model (models:/...)."
@@ -336,7 +334,7 @@ def annotate_shard(run_dir: Path, shard: Shard | str | None = None) -> dict[str,
     t0 = time.perf_counter()
     import torch
 
-    torch.set_num_threads(max(1, int(s.cpus)))
+    torch.set_num_threads(modeling.cpu_threads(s.cpus))
     pm = registry.open_package(Path(m["package"]), device=s.device, batch_size=s.batch_size, precision=s.precision)
     spec = pm.workflow["model_spec"]
     tk = RankValueTokenizer.from_files(
@@ -616,6 +614,7 @@ def annotate(input_path: str | os.PathLike, settings: Settings, *, force: bool =
 PLAN = "plan.json"
 SUMMARY = "summary.json"
 EVENT = "event.json"  # the extra of the stage's asset event (Stage.emits)
+HOST_PATHS = ("input", "run_dir", PREDICTIONS, EMBEDDINGS, ANNOTATED, "report")
 
 
 def _plan(run: "Run") -> dict[str, Any]:
@@ -725,9 +724,11 @@ def finish_stage(run: "Run") -> dict[str, Any]:
             }
         )
     summary = {"annotations": results, "errors": [e for e in entries if "error" in e]}
+    # the event is read on the Airflow side: its paths as the host sees them (a container stage maps them back)
+    host = [{k: runs.host_path(v) if k in HOST_PATHS and v else v for k, v in r.items()} for r in results]
     with run.output("annotate_finish") as tmp:
         files.write_json(tmp / SUMMARY, summary)
-        files.write_json(tmp / EVENT, {"run": str(run.dir), "annotations": results})
+        files.write_json(tmp / EVENT, {"run": runs.host_path(run.dir), "annotations": host})
     if summary["errors"]:
         raise AnnotateError(_errors(entries) + " (the run's other inputs are annotated)")
     return summary

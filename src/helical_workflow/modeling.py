@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,14 @@ LABELS = "labels.json"
 def batch_size(params: "Params", stage: str) -> int:
     section = params.fine_tune if stage == "fine_tune" else params.evaluate
     return section.batch_size or params.profile_for(stage).batch_size
+
+
+def cpu_threads(cpus: float) -> int:
+    """torch's CPU threads for a profile's ``cpus``, at most ``$OMP_NUM_THREADS`` when that is set (what a batch
+    scheduler or a container grants; the test suite gives each of its parallel workers one)."""
+    n = max(1, int(cpus))
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(n, int(env)) if env.isdigit() and int(env) > 0 else n
 
 
 def device_for(params: "Params", stage: str) -> str:

@@ -238,6 +238,16 @@ def _path_map() -> list[tuple[str, str]]:
     return [(str(a), str(b)) for a, b in json.loads(text)] if text else []
 
 
+def host_path(path: "str | os.PathLike") -> str:
+    """A path as the host sees it (what a container stage writes for the Airflow side: an asset event, ...): the
+    reverse of ``$HELICAL_PATH_MAP``; unchanged outside a container."""
+    text = str(path)
+    for host, local in _path_map():
+        if text == local or text.startswith(local.rstrip("/") + "/"):
+            return host.rstrip("/") + text[len(local.rstrip("/")) :]
+    return text
+
+
 def _mapped(params: "Params") -> "Params":
     """Params as this process sees their paths: inside a container, the host's data, outputs and model cache
     folders are mounted elsewhere (``$HELICAL_PATH_MAP``, set by the container launchers). A model cache outside

@@ -417,7 +417,7 @@ def _ddp_worker(rank: int, world: int, params: "Params", run_dir: str, port: int
         dev = f"cuda:{rank}" if cuda else "cpu"
         if cuda:
             torch.cuda.set_device(rank)
-        torch.set_num_threads(max(1, int(profile.cpus) // world))
+        torch.set_num_threads(max(1, modeling.cpu_threads(profile.cpus) // world))
         logger = mlflow_logger(params, Path(run_dir)) if rank == 0 else None
         _train_here(params, Path(run_dir), device=dev, rank=rank, world=world, log=logger)  # rank 0 writes model/
     finally:
@@ -462,7 +462,7 @@ def fine_tune_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     if world == 1:
         import torch
 
-        torch.set_num_threads(max(1, int(profile.cpus)))
+        torch.set_num_threads(modeling.cpu_threads(profile.cpus))
         _train_here(params, run_dir, device=device, log=mlflow_logger(params, run_dir))
     else:
         import torch.multiprocessing as tmp_mp
