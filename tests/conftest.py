@@ -22,6 +22,13 @@ AIRFLOW_BIN = VENV / "airflow" / "bin"
 DEMO_DATA = ROOT / "data" / "pbmc68k_reduced_counts.h5ad"
 JUPYTER_PATH = str(VENV / "jupyter" / "share" / "jupyter")
 
+# Under `make test` two pytest workers share the machine's cores: each of their processes (kernels, Airflow
+# tasks, containers) runs torch, BLAS and numba on one thread. Two workers at two threads each on two cores
+# oversubscribe them, and OpenMP's spinning threads make a pair of demo runs 1.5x slower (108 s against 74 s,
+# measured with two `helical-workflow run` at once).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def demo_params(tmp: Path, *, model_cache: Path, **overrides) -> Path:
     """A params folder in tmp with the demo experiment (absolute paths) and the real profiles."""

@@ -262,7 +262,7 @@ class ContainerSpec:
         command = ["stage", stage, run_id, "--experiment", params.experiment]
         command += ["--shard", str(shard)] if shard is not None else []
         env = {OUTPUTS_ENV: f"{IN_IMAGE_ROOT}/outputs", PATH_MAP_ENV: json.dumps(path_map(params))}
-        for k in ("HELICAL_PUSHGATEWAY", "MLFLOW_TRACKING_URI"):
+        for k in ("HELICAL_PUSHGATEWAY", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS"):
             if os.environ.get(k):
                 env[k] = os.environ[k]
         return cls(
