@@ -105,6 +105,16 @@ def test_not_yaml(tmp_path):
     assert msg.startswith("not valid YAML")
 
 
+def test_an_unknown_profile_is_reported_with_the_schema_problems(tmp_path):
+    raw = base()
+    raw["fine_tune"] = {"epochs": 0}
+    raw["profile"], raw["stage_profiles"] = "nosuch", {"fine_tune": "alsonot"}
+    msgs = problems(write(tmp_path, raw))
+    assert msgs[0].startswith("fine_tune.epochs:")
+    assert any(m.startswith("profile: unknown resource profile 'nosuch'") and "Fix:" in m for m in msgs)
+    assert any(m.startswith("stage_profiles.fine_tune: unknown resource profile 'alsonot'") for m in msgs)
+
+
 @pytest.mark.parametrize("venv_bin", [KERNEL_PY.parent, AIRFLOW_BIN], ids=["kernel-env", "airflow-env"])
 def test_cli_validate_explains_and_exits_nonzero(tmp_path, venv_bin):
     raw = base()

@@ -126,6 +126,7 @@ def test_make_demo_runs_the_workflow_and_reports(tmp_path):
     assert not tcp, tcp[:3]
     (run_dir,) = (tmp_path / "out" / "demo").glob("manual__*")
     assert (run_dir / "reports" / "05_compare.html").exists()
+    _clean_reports(run_dir, 5)
 
     # the README's annotate command, with the champion the demo registered
     cmd = ".venv/kernel/bin/helical-workflow annotate data/pbmc68k_reduced_counts.h5ad --model models:/demo@champion"
@@ -135,6 +136,20 @@ def test_make_demo_runs_the_workflow_and_reports(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "700 cells annotated with demo-v1" in r.stdout
     assert (tmp_path / "out" / "annotate").is_dir() and "reports/08_annotate_report.html" in r.stdout
+    (annotation_run,) = (tmp_path / "out" / "annotate" / "runs" / "demo").iterdir()
+    _clean_reports(annotation_run, 3)
+
+
+def _clean_reports(run_dir, n: int) -> None:
+    """Each stage's report has no stderr box and no library note (``note: ...`` lines on stdout)."""
+    import re
+
+    reports = sorted((run_dir / "reports").glob("*.html"))
+    assert len(reports) == n, reports
+    for html in reports:
+        text = html.read_text()
+        assert 'data-mime-type="application/vnd.jupyter.stderr"' not in text, html.name
+        assert not re.search(r"(^|\n|<pre>)note: ", text), (html.name, re.findall(r"note: [^\n<]*", text)[:3])
 
 
 @pytest.mark.parametrize(

@@ -735,12 +735,18 @@ def _trial_problems(params: Params) -> list[str]:
 
 
 def _profile_problems(params: Params) -> list[str]:
-    named = [("profile", params.profile)] + [(f"stage_profiles.{s}", n) for s, n in params.stage_profiles.items()]
+    return _unknown_profiles(params.profile, params.stage_profiles, params.profiles)
+
+
+def _unknown_profiles(profile: Any, stage_profiles: Any, profiles: Mapping[str, Any]) -> list[str]:
+    named = [("profile", profile)] + [
+        (f"stage_profiles.{s}", n) for s, n in (stage_profiles.items() if isinstance(stage_profiles, Mapping) else ())
+    ]
     return [
-        f"{field}: unknown resource profile {name!r}. Fix: use one of {', '.join(sorted(params.profiles))} "
+        f"{field}: unknown resource profile {name!r}. Fix: use one of {', '.join(sorted(profiles))} "
         "(defined in profiles.yaml)."
         for field, name in named
-        if name not in params.profiles
+        if isinstance(name, str) and name not in profiles
     ]
 
 
@@ -761,8 +767,9 @@ def load_params(path: str | os.PathLike, *, check_files: bool = True) -> Params:
     problems: list[str] = []
     try:
         params = Params.model_validate(raw)
-    except ValidationError as e:
-        raise ParamsError(path, _validation_problems(e, Params)) from None
+    except ValidationError as e:  # every problem at once: the schema's, and the profiles' names
+        more = _unknown_profiles(raw.get("profile", "cpu"), raw.get("stage_profiles") or {}, profiles)
+        raise ParamsError(path, _validation_problems(e, Params) + more) from None
     params = params.model_copy(update={"source_path": str(path), "project_root": str(root), "profiles": profiles})
     problems += _profile_problems(params)
     problems += _trial_problems(params)
