@@ -80,8 +80,9 @@ def test_four_notebooks_run_in_order_and_leave_reports(tmp_path, model_cache, wo
     majority = metrics["baseline_majority"]  # both metrics of the majority-class baseline (no "NaN" macro-F1)
     assert majority["accuracy"] == metrics["chance_accuracy"] and 0 < majority["macro_f1"] < majority["accuracy"]
     assert np.array(metrics["confusion_matrix"]["matrix"]).sum() == len(preds)
-    for png in ("confusion_matrix.png", "umap.png"):
+    for png in ("confusion_matrix.png", "umap.png", "scores.png"):  # scores.png: the 95 % intervals
         assert (ev / png).stat().st_size > 10_000
+    assert metrics["macro_f1_ci"][0] <= metrics["macro_f1"] <= metrics["macro_f1_ci"][1]
     # a stage can be re-run alone against the run folder (what a user does in JupyterLab)
     again = launchers.run_task(params_path, "evaluate", "nb-test", run_root=root, log_output=False)
     assert again.status == "success"

@@ -59,10 +59,22 @@ def test_importing_the_registry_is_light():
 @pytest.mark.slow
 def test_frozen_embedding_baseline_is_reported_beside_the_expression_baseline(trained):
     m = trained.metrics
-    for key in ("baseline_frozen", "baseline_logreg"):
-        assert set(m[key]) == {"accuracy", "macro_f1"}
-        assert all(0.0 <= v <= 1.0 for v in m[key].values())
+    for key in ("baseline_frozen", "baseline_logreg", "baseline_majority"):  # each with its 95 % intervals
+        assert set(m[key]) == {"accuracy", "macro_f1", "accuracy_ci", "macro_f1_ci"}
+        for metric in ("accuracy", "macro_f1"):
+            lo, hi = m[key][f"{metric}_ci"]
+            assert 0.0 <= lo <= m[key][metric] <= hi <= 1.0
     assert {"accuracy", "macro_f1", "chance_accuracy", "n_cells", "per_class", "confusion_matrix"} <= set(m)
+    # the model's own intervals: accuracy, macro-F1 and each class's F1, and how they were computed
+    assert m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]
+    assert m["macro_f1_ci"][0] <= m["macro_f1"] <= m["macro_f1_ci"][1]
+    assert all(len(c["f1_ci"]) == 2 for c in m["per_class"].values() if c["support"])
+    assert m["intervals"] == {
+        "method": "percentile bootstrap over test cells",
+        "resamples": 1000,
+        "level": 0.95,
+        "seed": 0,
+    }
     on_disk = json.loads((trained.run_dir / "evaluate" / "metrics.json").read_text())
     assert on_disk["baseline_frozen"] == m["baseline_frozen"]
 

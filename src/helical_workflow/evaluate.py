@@ -40,7 +40,79 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[s
     }
 
 
-def expression_baseline(params: "Params", run_dir: Path, names: list[str]) -> dict[str, Any]:
+CI_LEVEL = 0.95
+
+
+def bootstrap_intervals(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    n_classes: int,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    level: float = CI_LEVEL,
+) -> dict[str, Any]:
+    """Percentile-bootstrap intervals of accuracy, macro-F1 and each class's F1: ``resamples`` draws of the test
+    cells with replacement (with ``groups``, of whole groups: donors or samples, as the split kept them). The
+    same ``seed`` gives the same intervals. Macro-F1 averages, as sklearn does, the classes present in the draw's
+    truth or predictions; a class absent from a draw's truth and predictions gives no F1 for that draw.
+
+    Returns ``{"accuracy_ci": [lo, hi], "macro_f1_ci": [lo, hi], "f1_ci": [[lo, hi] per class]}`` (``None`` for
+    a class with no draw)."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    n, k = len(y_true), int(n_classes)
+    if n == 0 or resamples < 1:
+        return {}
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        draws = rng.integers(0, n, size=(resamples, n))
+        weights = np.zeros((resamples, n), dtype=np.int64)
+        np.add.at(weights, (np.arange(resamples)[:, None], draws), 1)
+    else:  # whole groups: a cell's weight is how often its group was drawn
+        codes, uniq = pd.factorize(pd.Series(groups).astype(str))
+        g = len(uniq)
+        drawn = np.zeros((resamples, g), dtype=np.int64)
+        np.add.at(drawn, (np.arange(resamples)[:, None], rng.integers(0, g, size=(resamples, g))), 1)
+        weights = drawn[:, codes]
+    cell = y_true * k + y_pred  # each cell's (true, predicted) pair
+    conf = np.zeros((resamples, k * k), dtype=np.int64)
+    for c in np.unique(cell):  # the confusion matrix of every draw at once
+        conf[:, c] = weights[:, cell == c].sum(1)
+    conf = conf.reshape(resamples, k, k)
+    total = conf.sum((1, 2))
+    tp = np.diagonal(conf, axis1=1, axis2=2)
+    true_n, pred_n = conf.sum(2), conf.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = tp.sum(1) / total
+        present = (true_n + pred_n) > 0
+        f1 = np.where(present, 2 * tp / np.maximum(true_n + pred_n, 1), np.nan)
+        macro = np.nansum(f1, 1) / np.maximum(present.sum(1), 1)
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+
+    def interval(x: np.ndarray) -> list[float] | None:
+        x = x[np.isfinite(x)]
+        return [float(np.percentile(x, lo)), float(np.percentile(x, hi))] if len(x) else None
+
+    return {
+        "accuracy_ci": interval(acc),
+        "macro_f1_ci": interval(macro),
+        "f1_ci": [interval(f1[:, j]) for j in range(k)],
+    }
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, ci: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Accuracy and macro-F1, each with its 95 % interval (``ci``: the :func:`bootstrap_intervals` settings)."""
+    out = modeling.macro_scores(y_true, y_pred)
+    if out and ci:
+        b = bootstrap_intervals(y_true, y_pred, n_classes, **ci)
+        out.update(accuracy_ci=b["accuracy_ci"], macro_f1_ci=b["macro_f1_ci"])
+    return out
+
+
+def expression_baseline(
+    params: "Params", run_dir: Path, names: list[str], ci: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Logistic regression on log-normalised expression of the same train/test split."""
     import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
@@ -63,10 +135,20 @@ def expression_baseline(params: "Params", run_dir: Path, names: list[str]) -> di
     clf = LogisticRegression(max_iter=2000)
     clf.fit(X[is_train], y[is_train])
     pred = clf.predict(X[~is_train])
-    return modeling.macro_scores(y[~is_train], pred)
+    if ci and ci.get("groups") is not None:  # the test cells in this order (by row), with their groups
+        by_cell = dict(zip(ci["cell_ids"], ci["groups"]))
+        ci = {**ci, "groups": order.loc[~is_train, "cell_id"].map(by_cell).to_numpy()}
+    return scores(y[~is_train], pred, len(names), _settings(ci))
 
 
-def frozen_embedding_baseline(params: "Params", run_dir: Path, n_classes: int) -> dict[str, Any]:
+def _settings(ci: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The bootstrap settings without the evaluate stage's bookkeeping (the test cells' ids)."""
+    return None if ci is None else {k: v for k, v in ci.items() if k != "cell_ids"}
+
+
+def frozen_embedding_baseline(
+    params: "Params", run_dir: Path, n_classes: int, ci: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Logistic regression (as in :func:`expression_baseline`) on the *pre-trained* model's cell embeddings.
 
     The base model is loaded as fine-tuning starts from it (helical's GeneformerFineTuningModel, untrained
@@ -97,7 +179,10 @@ def frozen_embedding_baseline(params: "Params", run_dir: Path, n_classes: int) -
     del base
     clf = LogisticRegression(max_iter=2000)
     clf.fit(emb[: len(train_idx)], store.labels[train_idx])
-    return modeling.macro_scores(store.labels[test_idx], clf.predict(emb[len(train_idx) :]))
+    if ci and ci.get("groups") is not None:  # the token store's test cells, in its order
+        by_cell = dict(zip(ci["cell_ids"], ci["groups"]))
+        ci = {**ci, "groups": np.asarray([by_cell[store.cell_id[i]] for i in test_idx])}
+    return scores(store.labels[test_idx], clf.predict(emb[len(train_idx) :]), n_classes, _settings(ci))
 
 
 def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
@@ -130,12 +215,27 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     y_pred = logits.argmax(1)
     probs = scipy.special.softmax(logits, axis=1)
     metrics = classification_metrics(y_true, y_pred, names)
+    # 95 % intervals for the model and every baseline, on the same test cells (and groups)
+    ci = interval_settings(params, run_dir, cell_ids)
+    if ci:
+        b = bootstrap_intervals(y_true, y_pred, len(names), **_settings(ci))
+        metrics.update(accuracy_ci=b["accuracy_ci"], macro_f1_ci=b["macro_f1_ci"])
+        for name, interval in zip(names, b["f1_ci"]):
+            metrics["per_class"][name]["f1_ci"] = interval
+        metrics["intervals"] = {
+            "method": "percentile bootstrap over "
+            + ("groups (" + params.data.split.group_by + ")" if params.data.split.group_by else "test cells"),
+            "resamples": ci["resamples"],
+            "level": CI_LEVEL,
+            "seed": ci["seed"],
+        }
     metrics["chance_accuracy"] = float(np.bincount(y_true).max() / len(y_true))
     # the majority class predicted for every cell: a baseline with both metrics (its macro-F1 is not "NaN")
-    metrics["baseline_majority"] = modeling.macro_scores(y_true, np.full_like(y_true, np.bincount(y_true).argmax()))
+    majority = np.full_like(y_true, np.bincount(y_true).argmax())
+    metrics["baseline_majority"] = scores(y_true, majority, len(names), _settings(ci))
     metrics["n_cells"] = int(len(y_true))
-    metrics["baseline_logreg"] = expression_baseline(params, run_dir, names)
-    metrics["baseline_frozen"] = frozen_embedding_baseline(params, run_dir, len(names))
+    metrics["baseline_logreg"] = expression_baseline(params, run_dir, names, ci)
+    metrics["baseline_frozen"] = frozen_embedding_baseline(params, run_dir, len(names), ci)
     preds = pd.DataFrame(
         {
             "cell_id": cell_ids,
@@ -150,9 +250,85 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
         np.save(tmp / "embeddings.npy", np.asarray(embeddings, dtype=np.float32))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_confusion(metrics["confusion_matrix"], tmp / "confusion_matrix.png")
+        if "intervals" in metrics:
+            plot_scores(metrics, tmp / "scores.png")
         if params.evaluate.umap and len(y_true) >= 10:
             plot_umap(np.asarray(embeddings), preds, names, tmp / "umap.png", seed=params.data.split.seed)
     return metrics
+
+
+MODELS = {  # metrics.json key -> the name in tables and plots
+    "": "fine-tuned Geneformer",
+    "baseline_logreg": "logistic regression (expression)",
+    "baseline_frozen": "logistic regression (frozen embeddings)",
+    "baseline_majority": "majority class",
+}
+
+
+def score_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Accuracy and macro-F1 of the model and each baseline, with their 95 % intervals (``low – high``)."""
+    rows = {}
+    for key, name in MODELS.items():
+        m = metrics.get(key, {}) if key else metrics
+        row = {}
+        for metric in ("accuracy", "macro_f1"):
+            row[metric] = m.get(metric)
+            ci = m.get(f"{metric}_ci")
+            row[f"{metric} 95% CI"] = f"{ci[0]:.3f} – {ci[1]:.3f}" if ci else ""
+        rows[name] = row
+    return pd.DataFrame(rows).T
+
+
+def plot_scores(metrics: dict[str, Any], path: Path) -> None:
+    """The model and its baselines, and each class's F1, as points with their 95 % intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_class = {n: c for n, c in metrics["per_class"].items() if c.get("f1_ci")}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 1.2 + 0.35 * max(len(per_class), 8)))
+    names = list(MODELS.values())
+    for j, metric in enumerate(("accuracy", "macro_f1")):
+        for i, key in enumerate(MODELS):
+            m = metrics.get(key, {}) if key else metrics
+            if metric not in m:
+                continue
+            lo, hi = m.get(f"{metric}_ci") or (m[metric], m[metric])
+            y = i + (0.15 if j else -0.15)
+            label = ("accuracy", "macro-F1")[j] if i == 0 else None
+            xerr = [[m[metric] - lo], [hi - m[metric]]]
+            a1.errorbar(m[metric], y, xerr=xerr, fmt="os"[j], color=f"C{j}", capsize=3, label=label)
+    a1.set(yticks=range(len(names)), yticklabels=names, xlim=(0, 1), xlabel="test score (95 % interval)")
+    a1.invert_yaxis()
+    a1.legend(loc="lower right")
+    for i, c in enumerate(per_class.values()):
+        lo, hi = c["f1_ci"]
+        a2.errorbar(c["f1"], i, xerr=[[c["f1"] - lo], [hi - c["f1"]]], fmt="o", color="C2", capsize=3)
+    a2.set(yticks=range(len(per_class)), yticklabels=list(per_class), xlim=(0, 1), xlabel="F1 (95 % interval)")
+    a2.invert_yaxis()
+    a2.set_title("per class (fine-tuned model)")
+    method = metrics["intervals"]
+    fig.suptitle(
+        f"Test scores with {method['level']:.0%} intervals ({method['method']}, {method['resamples']} resamples)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def interval_settings(params: "Params", run_dir: Path, cell_ids: list[str]) -> dict[str, Any] | None:
+    """The bootstrap of this evaluation: resamples and seed from the params, and, when the split is grouped, each
+    test cell's group (``split.csv``), so that whole groups are resampled. None with ``evaluate.ci_resamples: 0``."""
+    n = params.evaluate.ci_resamples
+    if not n:
+        return None
+    ci: dict[str, Any] = {"resamples": n, "seed": params.data.split.seed, "cell_ids": list(cell_ids), "groups": None}
+    split = data_mod.read_split(run_dir)
+    if params.data.split.group_by and "group" in split:
+        by_cell = dict(zip(split["cell_id"].astype(str), split["group"].astype(str)))
+        ci["groups"] = np.asarray([by_cell[str(c)] for c in cell_ids])
+    return ci
 
 
 def plot_confusion(cm: dict[str, Any], path: Path, cells: str = "test split") -> None:

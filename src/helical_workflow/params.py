@@ -169,6 +169,12 @@ class FineTuneParams(_Strict):
 class EvaluateParams(_Strict):
     batch_size: int | None = Field(None, ge=1)
     umap: bool = True
+    ci_resamples: int = Field(
+        1000,
+        ge=0,
+        description="bootstrap resamples of the test cells (of whole groups when the split is grouped) for the 95 % "
+        "intervals of accuracy, macro-F1 and each class's F1, for the model and every baseline; 0: none",
+    )
 
 
 class SweepParams(_Strict):
