@@ -263,3 +263,9 @@ def test_the_compare_headline_reads_as_sentences():
     assert s.endswith("(macro-F1 0.350 vs 0.500). Registry: No champion yet: v1 becomes champion (0.350).")
     table = compare.baselines_table(summary)
     assert table.loc["majority class"].tolist() == [0.3, 0.05]
+    # with evaluate's intervals, the verdict and the table carry them
+    summary["test"]["macro_f1_ci"], summary["baseline_logreg"]["macro_f1_ci"] = [0.28, 0.42], [0.41, 0.6]
+    assert "(macro-F1 0.350, 95 % CI 0.280–0.420 vs 0.500, 95 % CI 0.410–0.600)" in compare.winner_sentence(summary)
+    assert (
+        compare.baselines_table(summary).loc["logistic regression (expression)", "macro_f1 95% CI"] == "0.410 – 0.600"
+    )

@@ -166,7 +166,7 @@ def compare_stage(run: "Run") -> dict[str, Any]:
         "winner_overrides": winner.manifest.get("overrides", {}) if k is not None else {},
         "winner_score": score,
         "margin_over_runner_up": None if runner_up is None else score - runner_up,
-        "test": {"accuracy": test.get("accuracy"), "macro_f1": test.get("macro_f1")},
+        "test": {k: test.get(k) for k in ("accuracy", "macro_f1", "accuracy_ci", "macro_f1_ci") if k in test},
         "baseline_logreg": logreg,
         "baseline_frozen": frozen,
         "majority_class_accuracy": test.get("chance_accuracy"),
@@ -237,7 +237,7 @@ def winner_sentence(summary: dict[str, Any]) -> str:
         verdict = "beats" if summary["beats_logreg"] else "does NOT beat"
         s += (
             f" On the test split it {verdict} the logistic-regression baseline on expression "
-            f"(macro-F1 {t['macro_f1']:.3f} vs {lr['macro_f1']:.3f})."
+            f"(macro-F1 {t['macro_f1']:.3f}{_ci(t)} vs {lr['macro_f1']:.3f}{_ci(lr)})."
         )
     fr = summary["baseline_frozen"]
     if fr.get("macro_f1") is not None and t.get("macro_f1") is not None:
@@ -249,6 +249,12 @@ def winner_sentence(summary: dict[str, Any]) -> str:
     return s
 
 
+def _ci(scores: dict[str, Any], metric: str = "macro_f1") -> str:
+    """``, 95 % CI 0.41–0.63`` when the scores carry the interval (evaluate's bootstrap), else nothing."""
+    ci = scores.get(f"{metric}_ci")
+    return f", 95 % CI {ci[0]:.3f}–{ci[1]:.3f}" if ci else ""
+
+
 def baselines_table(summary: dict[str, Any]) -> pd.DataFrame:
     rows = {
         "fine-tuned Geneformer (winner)": summary["test"],
@@ -256,6 +262,10 @@ def baselines_table(summary: dict[str, Any]) -> pd.DataFrame:
         "logistic regression (frozen embeddings)": summary["baseline_frozen"],
         "majority class": summary["baseline_majority"],
     }
-    return pd.DataFrame(
-        {k: {"accuracy": v.get("accuracy", np.nan), "macro_f1": v.get("macro_f1", np.nan)} for k, v in rows.items()}
-    ).T
+    table = {}
+    for k, v in rows.items():
+        row = {"accuracy": v.get("accuracy", np.nan), "macro_f1": v.get("macro_f1", np.nan)}
+        if v.get("macro_f1_ci"):
+            row["macro_f1 95% CI"] = "{:.3f} – {:.3f}".format(*v["macro_f1_ci"])
+        table[k] = row
+    return pd.DataFrame(table).T
