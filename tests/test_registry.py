@@ -36,15 +36,21 @@ def logged(trained):
     import mlflow
 
     client = mlflow.MlflowClient(trained.uri)
+    from helical_workflow.card import model_card
+
     before = client.get_run(trained.run_id).info.status
+    run = runs.Run.load(trained.run_dir)
+    card, summary = model_card(run, run)
     uri = registry.log_model(
         trained.params,
         trained.run_dir / "model",
         mlflow_run_id=trained.run_id,
         tracking_uri=trained.uri,
         validation=trained.info["validation"],
+        card=card,
     )
-    return SimpleNamespace(model_uri=uri, status_before=before, status_after=client.get_run(trained.run_id).info.status)
+    status_after = client.get_run(trained.run_id).info.status
+    return SimpleNamespace(model_uri=uri, status_before=before, status_after=status_after, card=card, summary=summary)
 
 
 def test_importing_the_registry_is_light():
@@ -93,6 +99,7 @@ def test_registered_champion_loads_back_to_the_runs_own_logits(trained, logged, 
         value=trained.info["validation"]["macro_f1"],
         promote="if_better",
         tracking_uri=trained.uri,
+        description=logged.summary,
     )
     assert decision["name"] == "demo" and decision["version"] == "1" and decision["promoted"]
     assert decision["champion_version_before"] is None and "becomes champion" in decision["reason"]
@@ -111,6 +118,24 @@ def test_registered_champion_loads_back_to_the_runs_own_logits(trained, logged, 
     assert wf["fine_tune"]["epochs"] == 1 and wf["validation"] == trained.info["validation"]
     assert wf["model_spec"]["input_size"] == 2048 and wf["model_spec"]["special_token"] is False
     assert json.loads((folder / "registered.json").read_text())["version"] == "1"
+
+    # the model card travels with the model, and its summary is the version's description
+    card = (folder / "model_card.md").read_text()
+    assert card == logged.card
+    for part in (
+        "## Data",
+        "sha256",
+        "| CD14+ Monocyte |",
+        "## Model and fine-tuning",
+        "Kept: epoch 1 of 1",
+        "logistic regression (expression)",
+        "Weakest classes:",
+        "## Intended use and limits",
+        "not for biological conclusions",
+    ):
+        assert part in card, part
+    description = mlflow.MlflowClient(trained.uri).get_model_version("demo", "1").description
+    assert description == logged.summary and "test macro-F1" in description
 
     # the test split through the run's own model/ and through the registered package: the same logits
     store = modeling.TokenStore(tok.load_tokenized(trained.run_dir))

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import stages, sweep, tracking
+from .card import CARD, model_card
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -174,8 +175,10 @@ def compare_stage(run: "Run") -> dict[str, Any]:
         "beats_logreg": _beats(test, logreg),
         "beats_frozen": _beats(test, frozen),
     }
-    summary["registry"] = register_winner(run, winner, info, score, metric)
+    card = model_card(run, winner)
+    summary["registry"] = register_winner(run, winner, info, score, metric, card)
     with run.output("compare") as out:
+        (out / CARD).write_text(card[0])
         table.to_csv(out / "trials.csv", index=False)
         history = earlier_runs(run)
         if not history.empty:
@@ -197,13 +200,22 @@ def _beats(test: dict[str, Any], baseline: dict[str, Any]) -> bool | None:
     return bool(test["macro_f1"] > baseline["macro_f1"])
 
 
-def register_winner(run: "Run", winner: "Run", info: dict[str, Any], score: float, metric: str) -> dict[str, Any]:
-    """Log the winner's model to its MLflow run and register it; a registry that cannot be reached is a
-    warning in ``run.json`` and a decision saying so, never a failed stage."""
+def register_winner(
+    run: "Run",
+    winner: "Run",
+    info: dict[str, Any],
+    score: float,
+    metric: str,
+    card: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """Log the winner's model to its MLflow run and register it, with its model card (``card``: the Markdown and
+    its summary, the version's description); a registry that cannot be reached is a warning in ``run.json`` and
+    a decision saying so, never a failed stage."""
     from . import registry
 
     params = run.params
     uri = tracking.tracking_uri(params)
+    card, summary = card or (None, None)
     try:
         model_uri = registry.log_model(
             winner.params,
@@ -211,6 +223,7 @@ def register_winner(run: "Run", winner: "Run", info: dict[str, Any], score: floa
             mlflow_run_id=winner.mlflow.id,
             tracking_uri=uri,
             validation=info.get("validation") or {},
+            card=card,
         )
         return registry.register(
             params,
@@ -219,6 +232,7 @@ def register_winner(run: "Run", winner: "Run", info: dict[str, Any], score: floa
             value=score,
             promote=params.registry.promote,
             tracking_uri=uri,
+            description=summary,
         )
     except Exception as e:
         run.warn(f"registering the winner failed: {type(e).__name__}: {e}")

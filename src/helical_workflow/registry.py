@@ -382,12 +382,14 @@ def log_model(
     tracking_uri: str,
     validation: dict[str, Any],
     input_example: Sequence[Sequence[int]] | None = None,
+    card: str | None = None,
 ) -> str:
     """Log the fine-tuned model in ``model_dir`` (a run's or a trial's ``model/``) as a pyfunc model of the
     MLflow run ``mlflow_run_id``; returns its model URI (``models:/<model id>``), for :func:`register`.
 
     ``validation``: the validation metrics the model was selected on (``model_info.json["validation"]``).
-    The run's status is left as it was.
+    The run's status is left as it was. ``card``: the model card (Markdown), an artifact of the model
+    (``model_card.md``, beside the package).
     """
     import mlflow
     import pandas as pd
@@ -397,6 +399,10 @@ def log_model(
     tags = {f"validation.{k}": str(v) for k, v in (validation or {}).items()}
     with tempfile.TemporaryDirectory(prefix="helical-model-") as tmp, _tracking_at(tracking_uri) as client:
         pkg = build_package(params, model_dir, Path(tmp) / PACKAGE, validation=validation)
+        artifacts = {PACKAGE: str(pkg)}
+        if card:
+            (Path(tmp) / "model_card.md").write_text(card)
+            artifacts["model_card"] = str(Path(tmp) / "model_card.md")
         status = client.get_run(mlflow_run_id).info.status
         active = mlflow.active_run()
         ctx = contextlib.nullcontext() if active and active.info.run_id == mlflow_run_id else None
@@ -405,7 +411,7 @@ def log_model(
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # code, not a pickled object
-                    artifacts={PACKAGE: str(pkg)},
+                    artifacts=artifacts,
                     signature=_signature(len(labels)),
                     input_example=pd.DataFrame({"input_ids": [list(map(int, x)) for x in example]}),
                     conda_env=_conda_env(),
@@ -484,6 +490,7 @@ def register(
     value: float,
     promote: Promote = "if_better",
     tracking_uri: str,
+    description: str | None = None,
 ) -> dict[str, Any]:
     """A new version of the registered model ``params.registered_model`` (``registry.name``, else the experiment;
     created if needed) from ``model_uri``
@@ -521,6 +528,7 @@ def register(
             run_id=run_id,
             tags={"metric": metric, metric: repr(value)},
             model_id=model_id,
+            description=description,  # the model card's summary
         )
         new = str(mv.version)
         promoted, reason = _decide(promote, value, new, old, old_value)
@@ -637,6 +645,9 @@ def load(model_ref: str, tracking_uri: str, dest: Path | None = None) -> Path:
                 "downloaded": files.now_iso(),
             }
             (pkg / REGISTERED).write_text(json.dumps(record, indent=2))
+            card = local / "artifacts" / "model_card.md"  # what the model was trained on, how well it does
+            if card.is_file():
+                shutil.copyfile(card, pkg / card.name)
             with files.atomic(dest, directory=True) as out:
                 out.rmdir()
                 os.replace(pkg, out)
