@@ -172,3 +172,14 @@ def test_a_params_file_outside_params_resolves_relative_paths_from_its_own_folde
     assert p.data_path == tmp_path / "data" / "x.h5ad"
     help_text = DataParams.model_fields["path"].description
     assert "the params file's own folder when it is not in a params/ folder" in help_text
+
+
+def test_one_seed_fills_every_seed_the_file_leaves_out(tmp_path):
+    raw = {**base(), "seed": 7, "sweep": {"grid": {"fine_tune.learning_rate": [0.001, 0.002]}}}
+    p = load_params(write(tmp_path, raw))
+    assert (p.seed, p.data.split.seed, p.model.seed, p.sweep.seed) == (7, 7, 7, 7)
+    raw["data"]["split"] = {"seed": 3}  # a section's own seed wins
+    p = load_params(write(tmp_path, raw))
+    assert (p.data.split.seed, p.model.seed) == (3, 7)
+    assert p.snapshot()["seed"] == 7  # recorded in run.json and MLflow with the params
+    assert load_params(write(tmp_path, base())).model.seed == 0 and load_params(write(tmp_path, base())).seed is None

@@ -189,6 +189,7 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     import scipy.special
 
     run_dir = Path(run_dir)
+    modeling.deterministic(params)
     device = modeling.device_for(params, "evaluate")
     bs = modeling.batch_size(params, "evaluate")
     model, labels = modeling.load_trained(params, run_dir, batch_size=bs, device=device)

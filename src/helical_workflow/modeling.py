@@ -50,6 +50,18 @@ def cpu_threads(cpus: float) -> int:
     return min(n, int(env)) if env.isdigit() and int(env) > 0 else n
 
 
+def deterministic(params: "Params") -> None:
+    """``deterministic: true``: torch's deterministic algorithms (an error where an operation has none), cuDNN's
+    autotuner off, and the cuBLAS workspace setting they need on GPU."""
+    if not params.deterministic:
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def device_for(params: "Params", stage: str) -> str:
     dev = params.profile_for(stage).device
     if dev == "cuda":

@@ -369,6 +369,17 @@ class Params(_Strict):
     registry: RegistryParams = RegistryParams()
     annotate: AnnotateParams = AnnotateParams()
     watch: WatchParams = WatchParams()
+    seed: int | None = Field(
+        None,
+        description="one seed for everything random: the split (data.split.seed), the model's initialisation and "
+        "training order (model.seed), a sweep's samples (sweep.seed) and evaluate's bootstrap; a section's own "
+        "seed, when the file gives one, wins",
+    )
+    deterministic: bool = Field(
+        False,
+        description="torch's deterministic algorithms in fine_tune and evaluate (bit-identical GPU reruns; slower "
+        "on GPU, no change on CPU, where runs are deterministic anyway)",
+    )
 
     @field_validator("stage_profiles")
     @classmethod
@@ -394,6 +405,17 @@ class Params(_Strict):
                 )
                 for k, v in raw.items()
             }
+            if isinstance(raw.get("seed"), int):  # the one seed fills every section's seed the file leaves out
+                seed = raw["seed"]
+                data = dict(raw["data"]) if isinstance(raw.get("data"), dict) else raw.get("data")
+                if isinstance(data, dict):
+                    split = dict(data.get("split") or {})
+                    split.setdefault("seed", seed)
+                    raw["data"] = {**data, "split": split}
+                if isinstance(raw.get("model", {}), dict):
+                    raw["model"] = {"seed": seed, **(raw.get("model") or {})}
+                if isinstance(raw.get("sweep"), dict):
+                    raw["sweep"] = {"seed": seed, **raw["sweep"]}
         return raw
 
     # Filled in by load_params, not by the file.

@@ -431,6 +431,7 @@ def _train_here(
 
     store, labels, train_idx, val_idx = _prepare(params, run_dir)
     bs = modeling.batch_size(params, "fine_tune")
+    modeling.deterministic(params)
     torch.manual_seed(params.model.seed)
     model = model_mod.load_fine_tuning_model(params, n_classes=len(labels), batch_size=bs, device=device)
     setup = TrainSetup(params, run_dir, device, params.profile_for("fine_tune").precision, bs, rank, world)
