@@ -74,6 +74,10 @@ def test_the_real_params_folder_gives_demo_and_yolksac_dags(airflow_env):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out["dags"]) == {"helical_demo", "helical_demo_sweep", "helical_yolksac_geneformer", "helical_annotate"}
     assert out["dags"]["helical_yolksac_geneformer"]["retries"]["fine_tune"] == 2  # gpu profile
+    # the sweep's form leaves out what its grid sets per trial, and its docs say so
+    sweep = out["dags"]["helical_demo_sweep"]
+    assert set(sweep["form"]) == set(TRIGGER_FIELDS) - {"fine_tune.learning_rate", "fine_tune.freeze_layers"}
+    assert "not in the Trigger form" in sweep["doc"]
     annotate = out["dags"]["helical_annotate"]  # scheduled on the watched folder's asset
     assert "helical_incoming" in annotate["schedule"] and (ROOT / "data" / "incoming").as_uri() in annotate["schedule"]
     # built by the one factory from the annotation stages, with the same operator and a form from the schema

@@ -442,6 +442,14 @@ def _form(params: Params | None, fields: tuple[str, ...] = TRIGGER_FIELDS) -> di
     return {name: Param(spec.pop("default"), **spec) for name, spec in trigger_form(params, fields).items()}
 
 
+def _form_fields(params: Params | None) -> tuple[str, ...]:
+    """The training form's fields, less those a sweep sets per trial (a value there would be overridden)."""
+    if params is None or params.sweep is None:
+        return TRIGGER_FIELDS
+    varied = set(params.sweep.varied())
+    return tuple(f for f in TRIGGER_FIELDS if f not in varied)
+
+
 def _doc(path: Path, params: Params | None) -> str:
     chain = " → ".join(s.name for s in stages.STAGES)
     doc = f"Workflow for `{path.name}`: {chain}, each a papermill notebook (the executed notebook is the report)."
@@ -468,7 +476,13 @@ def _doc(path: Path, params: Params | None) -> str:
     if params.sweep is not None:
         from .sweep import trial_count, varied
 
-        rows.append(("sweep", f"{trial_count(params)} trials ({params.sweep.method}) over {', '.join(varied(params))}"))
+        rows.append(
+            (
+                "sweep",
+                f"{trial_count(params)} trials ({params.sweep.method}) over {', '.join(varied(params))} (set per "
+                "trial: not in the Trigger form; each trial's settings name its mapped tasks)",
+            )
+        )
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (
         f"{doc}\n\n| setting | value |\n| --- | --- |\n{table}\n\n"
@@ -504,7 +518,7 @@ def build_dag(path: Path) -> DAG | None:
         max_active_runs=d.max_active_runs if d else 1,
         tags=(list(d.tags) if d else []) + (["invalid-params"] if problems else []),
         doc_md=doc,
-        params=_form(params),
+        params=_form(params, _form_fields(params)),
         # strings stay strings: command lines, pod args and env values (a run id "2026_11_30" is not an int)
         render_template_as_native_obj=False,
         default_args={"owner": "helical-workflow"},
