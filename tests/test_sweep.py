@@ -17,6 +17,10 @@ from .conftest import AIRFLOW_BIN, ROOT, airflow_home, cli, demo_params, run
 pytestmark = pytest.mark.slow
 
 
+def summary2_test_f1(run_dir):
+    return json.loads((run_dir / "compare" / "summary.json").read_text())["test"]["macro_f1"]
+
+
 def _sweep_params(tmp_path, model_cache, grid, epochs):
     p = demo_params(tmp_path, model_cache=model_cache, experiment="demo_sweep")
     raw = yaml.safe_load(p.read_text())
@@ -118,4 +122,14 @@ def test_a_sweep_ranks_trials_registers_the_winner_and_keeps_the_champion(tmp_pa
     assert m2["registry"]["promoted"] is False and "champion" in m2["registry"]["reason"]
     assert str(client.get_model_version_by_alias("demo_sweep", "champion").version) == "1"
     assert "trial 1 failed" in (second / "reports" / "05_compare.html").read_text()
+    # the experiment's runs: the first sweep with its best trial's test score, this one as "this run" with its own
+    hist = pd.read_csv(second / "compare" / "history.csv")
+    first = hist[hist.run == run_dir.name].iloc[0]
+    best = max(
+        json.loads((run_dir / "trials" / str(k) / "evaluate" / "metrics.json").read_text())["macro_f1"]
+        for k in range(4)
+    )
+    assert first.status == "FINISHED" and np.isclose(first.test_macro_f1, best)
+    this = hist[hist["this run"]].iloc[0]
+    assert this.status == "this run" and np.isclose(this.test_macro_f1, summary2_test_f1(second))
     assert ROOT.exists()

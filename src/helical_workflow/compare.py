@@ -80,31 +80,45 @@ def curves(run: "Run") -> dict[str, pd.DataFrame]:
     return out
 
 
-def earlier_runs(run: "Run") -> pd.DataFrame:
-    """The experiment's earlier workflow runs in MLflow (not trials): test metrics over time."""
+def earlier_runs(run: "Run", current: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The experiment's workflow runs in MLflow (not trials), oldest first: test metrics over time. A sweep's
+    run shows its best trial's test metrics; this run (still running) shows ``current`` (its winner's)."""
     ml = run.mlflow
     try:
         exp = ml.client.get_experiment_by_name(run.params.experiment)
-        found = ml.client.search_runs([exp.experiment_id], max_results=200, order_by=["attributes.start_time ASC"])
+        found = ml.client.search_runs([exp.experiment_id], max_results=500, order_by=["attributes.start_time ASC"])
     except Exception as e:
         run.warn(f"MLflow ({ml.uri}): listing earlier runs failed: {e}")
         return pd.DataFrame()
+    best: dict[str, tuple[float, float]] = {}  # a sweep's run -> its best trial's (macro-F1, accuracy)
+    for r in found:
+        parent = r.data.tags.get("mlflow.parentRunId")
+        f1 = _metric_ending(r.data.metrics, "helical_model_macro_f1")
+        if parent and f1 is not None and f1 > best.get(parent, (-1.0, math.nan))[0]:
+            best[parent] = (f1, _metric_ending(r.data.metrics, "helical_model_accuracy") or math.nan)
     rows = []
     for r in found:
         if "mlflow.parentRunId" in r.data.tags:
             continue
-        m = r.data.metrics
-        rows.append(
-            {
-                "run": r.info.run_name,
-                "started": pd.Timestamp(r.info.start_time, unit="ms"),
-                "status": r.info.status,
-                "test_accuracy": m.get("evaluate.helical_model_accuracy", math.nan),
-                "test_macro_f1": m.get("evaluate.helical_model_macro_f1", math.nan),
-                "this run": r.info.run_id == ml.id,
-            }
-        )
+        m, this = r.data.metrics, r.info.run_id == ml.id
+        f1, acc = best.get(r.info.run_id, (math.nan, math.nan))
+        row = {
+            "run": r.info.run_name,
+            "started": pd.Timestamp(r.info.start_time, unit="ms"),
+            "status": "this run" if this else r.info.status,
+            "test_accuracy": m.get("evaluate.helical_model_accuracy", acc),
+            "test_macro_f1": m.get("evaluate.helical_model_macro_f1", f1),
+            "this run": this,
+        }
+        if this and current:
+            row.update(test_accuracy=current.get("accuracy", math.nan), test_macro_f1=current.get("macro_f1", math.nan))
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _metric_ending(metrics: dict[str, float], name: str) -> float | None:
+    """A trial's evaluate metric (``evaluate.trial-00002-of-00004.<name>``), or the run's own."""
+    return next((v for k, v in metrics.items() if k.startswith("evaluate.") and k.endswith(name)), None)
 
 
 def _plots(table: pd.DataFrame, hist: dict[str, pd.DataFrame], varied: list[str], metric: str, out: Path) -> None:
@@ -180,7 +194,7 @@ def compare_stage(run: "Run") -> dict[str, Any]:
     with run.output("compare") as out:
         (out / CARD).write_text(card[0])
         table.to_csv(out / "trials.csv", index=False)
-        history = earlier_runs(run)
+        history = earlier_runs(run, summary["test"])
         if not history.empty:
             history.to_csv(out / "history.csv", index=False)
         _plots(table, curves(run), sweep.varied(params), metric, out)
