@@ -101,7 +101,8 @@ def earlier_runs(run: "Run", current: dict[str, Any] | None = None) -> pd.DataFr
         if "mlflow.parentRunId" in r.data.tags:
             continue
         m, this = r.data.metrics, r.info.run_id == ml.id
-        f1, acc = best.get(r.info.run_id, (math.nan, math.nan))
+        own = [v for k, v in m.items() if k.startswith("evaluate.trial-") and k.endswith("helical_model_macro_f1")]
+        f1, acc = best.get(r.info.run_id, (max(own) if own else math.nan, math.nan))
         row = {
             "run": r.info.run_name,
             "started": pd.Timestamp(r.info.start_time, unit="ms"),
