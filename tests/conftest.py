@@ -22,8 +22,8 @@ AIRFLOW_BIN = VENV / "airflow" / "bin"
 DEMO_DATA = ROOT / "data" / "pbmc68k_reduced_counts.h5ad"
 JUPYTER_PATH = str(VENV / "jupyter" / "share" / "jupyter")
 
-# Under `make test` two pytest workers share the machine's cores: each of their processes (kernels, Airflow
-# tasks, containers) runs torch, BLAS and numba on one thread. Two workers at two threads each on two cores
+# Under `make test` several pytest workers share the machine's cores: each of their processes (kernels, Airflow
+# tasks, containers) runs torch, BLAS and numba on one thread. Two processes at two threads each on two cores
 # oversubscribe them, and OpenMP's spinning threads make a pair of demo runs 1.5x slower (108 s against 74 s,
 # measured with two `helical-workflow run` at once).
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -51,31 +51,31 @@ def demo_params(tmp: Path, *, model_cache: Path, **overrides) -> Path:
     return path
 
 
-# Seconds each slow file took on the 2-core machine (`make test`'s --durations, one worker at a time). With
-# two workers (`make test`: pytest-xdist, whole files per worker), the longest files start first, so that the
-# last file to finish is a short one.
-FILE_SECONDS = {  # measured with two workers (2026-12-07), rounded
-    "test_container.py": 800,
-    "test_readme_commands.py": 600,
-    "test_sweep.py": 600,
-    "test_faults_concurrent.py": 650,
-    "test_dag.py": 450,
-    "test_faults.py": 400,
-    "test_train.py": 450,
-    "test_celery.py": 260,
-    "test_notebooks.py": 220,
-    "test_annotate.py": 210,
-    "test_monitoring.py": 200,
-    "test_registry.py": 200,
-    "test_new_stage.py": 130,
-    "test_links.py": 120,
-    "test_runs.py": 60,
-    "test_tokenize.py": 60,
+# Seconds each slow file took on the 2-core machine (`make test`'s --durations). With several workers (`make
+# test`: pytest-xdist, whole files per worker), the longest files start first, so that the last file to finish is
+# a short one.
+FILE_SECONDS = {  # measured with two workers at one thread each (2026-12-08, `make test --durations=0`), rounded
+    "test_container.py": 810,
+    "test_faults_concurrent.py": 550,
+    "test_readme_commands.py": 430,
+    "test_sweep.py": 400,
+    "test_annotate.py": 390,
+    "test_dag.py": 320,
+    "test_faults.py": 280,
+    "test_train.py": 250,
+    "test_celery.py": 180,
+    "test_notebooks.py": 130,
+    "test_monitoring.py": 130,
+    "test_registry.py": 90,
+    "test_links.py": 65,
+    "test_new_stage.py": 60,
+    "test_runs.py": 45,
+    "test_tokenize.py": 15,
 }
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest files first (stable within a file), so that xdist's whole-file scheduling packs the two workers."""
+    """Longest files first (stable within a file), so that xdist's whole-file scheduling packs the workers."""
     items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
 
 
