@@ -45,6 +45,24 @@ def link_env(monkeypatch):
     return monkeypatch
 
 
+def test_an_annotation_tasks_links_point_into_its_annotation_run(tmp_path, model_cache, workflow_env, link_env):
+    """helical_annotate's tasks get their Report and MLflow links the same way, from the annotation run's folder."""
+    params_file = demo_params(tmp_path, model_cache=model_cache, annotate__shards=2)
+    params = load_params(params_file, check_files=False)
+    run_dir = tmp_path / "outputs" / "annotate" / "runs" / "demo" / RUN_DIR
+    reports = run_dir / "reports"
+    reports.mkdir(parents=True)
+    for name in ("06_annotate_prepare.html", "07_annotate.shard-00001-of-00002.html"):
+        (reports / name).write_text("<html></html>")
+    served = "/helical-workflow/reports/helical_annotate/manual__2026-01-01T00%3A00%3A00%2B00%3A00/annotate_prepare"
+    assert links.report_url(params, "annotate_prepare", RUN_ID, -1, "helical_annotate") == served
+    assert links.served_report(params_file, RUN_ID, "annotate_prepare") == reports / "06_annotate_prepare.html"
+    assert links.served_report(params_file, RUN_ID, "annotate", 1) == reports / "07_annotate.shard-00001-of-00002.html"
+    write_json(run_dir / "run.json", {"mlflow": {"run_id": "abc", "experiment_id": "7", "tracking_uri": "sqlite:///x"}})
+    link_env.setenv(links.MLFLOW_UI_ENV, "http://mlflow.example")
+    assert links.mlflow_url(params, "annotate_finish", RUN_ID) == "http://mlflow.example/#/experiments/7/runs/abc"
+
+
 def test_report_link_is_the_stage_tasks_own_html_report(tmp_path, model_cache, workflow_env, link_env):
     params_file = demo_params(tmp_path, model_cache=model_cache, tokenize__shards=2)
     params = load_params(params_file, check_files=False)
