@@ -645,18 +645,21 @@ class Run:
 
 
 def notes_to_stdout() -> None:
-    """In a notebook: library warnings (ours, Python's ``warnings``) become short notes on stdout, not
-    red stderr boxes in the report; chatty INFO loggers of other libraries are quietened."""
+    """In a notebook: this project's log messages are plain lines and other libraries' warnings (Python's
+    ``warnings``, MLflow's) short ``note:`` lines on stdout, not red stderr boxes in the report; chatty INFO
+    loggers of other libraries are quietened."""
     import sys
 
     if getattr(notes_to_stdout, "done", False):
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stdout)  # other libraries' warnings: a short "note: ..."
     handler.setFormatter(logging.Formatter("note: %(message)s"))
+    ours = logging.StreamHandler(sys.stdout)  # this project's own messages, as plain lines
+    ours.setFormatter(logging.Formatter("%(message)s"))
     logging.captureWarnings(True)
     for name in ("helical_workflow", "py.warnings"):
         lg = logging.getLogger(name)
-        lg.addHandler(handler)
+        lg.addHandler(ours if name == "helical_workflow" else handler)
         lg.setLevel(logging.INFO if name == "helical_workflow" else logging.WARNING)
         lg.propagate = False
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
