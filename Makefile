@@ -99,8 +99,8 @@ lint: $(VENV)/tools/.ok
 	PYTHONPATH=src $(VENV)/tools/bin/lint-imports --no-cache
 
 # Three pytest workers (pytest-xdist), each taking whole test files, longest first (tests/conftest.py), each
-# process on one thread: much of the suite waits on schedulers, servers and containers (two workers kept two
-# cores 58 % busy: 42.5 CPU minutes in 36.5), so three files at a time fit two cores.
+# process on one thread (tests/conftest.py). Measured on this 2-core machine: pytest took 46.75 min with two
+# workers at two threads a process, 35.5 min with two at one thread, 31.2 min with three at one thread.
 TEST_WORKERS ?= 3
 test: env data system-deps $(VENV)/tools/.ok lint
 	PATH=$(VENV)/airflow/bin:$(VENV)/tools/bin:$$PATH $(KPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
