@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,17 +103,38 @@ def bootstrap_intervals(
     }
 
 
-def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, ci: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Accuracy and macro-F1, each with its 95 % interval (``ci``: the :func:`bootstrap_intervals` settings)."""
+@dataclass(frozen=True)
+class Intervals:
+    """How an evaluation's intervals are drawn: ``resamples`` bootstrap draws seeded by ``seed``, of whole groups
+    when ``group_of`` (cell id -> group, a grouped split) is given, else of cells."""
+
+    resamples: int
+    seed: int
+    group_of: dict[str, str] | None = None
+
+    def of(self, y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, cell_ids: Sequence[str]) -> dict[str, Any]:
+        """:func:`bootstrap_intervals` of these cells (``cell_ids``: their ids, in the order of ``y_true``)."""
+        groups = None if self.group_of is None else np.asarray([self.group_of.get(str(c), "") for c in cell_ids])
+        return bootstrap_intervals(y_true, y_pred, n_classes, resamples=self.resamples, seed=self.seed, groups=groups)
+
+
+def scores(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    n_classes: int,
+    ci: Intervals | None = None,
+    cell_ids: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Accuracy and macro-F1, each with its 95 % interval when ``ci`` is given."""
     out = modeling.macro_scores(y_true, y_pred)
     if out and ci:
-        b = bootstrap_intervals(y_true, y_pred, n_classes, **ci)
+        b = ci.of(y_true, y_pred, n_classes, cell_ids)
         out.update(accuracy_ci=b["accuracy_ci"], macro_f1_ci=b["macro_f1_ci"])
     return out
 
 
 def expression_baseline(
-    params: "Params", run_dir: Path, names: list[str], ci: dict[str, Any] | None = None
+    params: "Params", run_dir: Path, names: list[str], ci: Intervals | None = None
 ) -> dict[str, Any]:
     """Logistic regression on log-normalised expression of the same train/test split."""
     import scipy.sparse as sp
@@ -135,19 +158,11 @@ def expression_baseline(
     clf = LogisticRegression(max_iter=2000)
     clf.fit(X[is_train], y[is_train])
     pred = clf.predict(X[~is_train])
-    if ci and ci.get("groups") is not None:  # the test cells in this order (by row), with their groups
-        by_cell = dict(zip(ci["cell_ids"], ci["groups"]))
-        ci = {**ci, "groups": order.loc[~is_train, "cell_id"].map(by_cell).to_numpy()}
-    return scores(y[~is_train], pred, len(names), _settings(ci))
-
-
-def _settings(ci: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The bootstrap settings without the evaluate stage's bookkeeping (the test cells' ids)."""
-    return None if ci is None else {k: v for k, v in ci.items() if k != "cell_ids"}
+    return scores(y[~is_train], pred, len(names), ci, order.loc[~is_train, "cell_id"].tolist())
 
 
 def frozen_embedding_baseline(
-    params: "Params", run_dir: Path, n_classes: int, ci: dict[str, Any] | None = None
+    params: "Params", run_dir: Path, n_classes: int, ci: Intervals | None = None
 ) -> dict[str, Any]:
     """Logistic regression (as in :func:`expression_baseline`) on the *pre-trained* model's cell embeddings.
 
@@ -179,10 +194,8 @@ def frozen_embedding_baseline(
     del base
     clf = LogisticRegression(max_iter=2000)
     clf.fit(emb[: len(train_idx)], store.labels[train_idx])
-    if ci and ci.get("groups") is not None:  # the token store's test cells, in its order
-        by_cell = dict(zip(ci["cell_ids"], ci["groups"]))
-        ci = {**ci, "groups": np.asarray([by_cell[store.cell_id[i]] for i in test_idx])}
-    return scores(store.labels[test_idx], clf.predict(emb[len(train_idx) :]), n_classes, _settings(ci))
+    test_ids = [store.cell_id[i] for i in test_idx]
+    return scores(store.labels[test_idx], clf.predict(emb[len(train_idx) :]), n_classes, ci, test_ids)
 
 
 def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
@@ -217,23 +230,23 @@ def evaluate_stage(params: "Params", run_dir: Path) -> dict[str, Any]:
     probs = scipy.special.softmax(logits, axis=1)
     metrics = classification_metrics(y_true, y_pred, names)
     # 95 % intervals for the model and every baseline, on the same test cells (and groups)
-    ci = interval_settings(params, run_dir, cell_ids)
+    ci = interval_settings(params, run_dir)
     if ci:
-        b = bootstrap_intervals(y_true, y_pred, len(names), **_settings(ci))
+        b = ci.of(y_true, y_pred, len(names), cell_ids)
         metrics.update(accuracy_ci=b["accuracy_ci"], macro_f1_ci=b["macro_f1_ci"])
         for name, interval in zip(names, b["f1_ci"]):
             metrics["per_class"][name]["f1_ci"] = interval
+        over = f"groups ({params.data.split.group_by})" if ci.group_of is not None else "test cells"
         metrics["intervals"] = {
-            "method": "percentile bootstrap over "
-            + ("groups (" + params.data.split.group_by + ")" if params.data.split.group_by else "test cells"),
-            "resamples": ci["resamples"],
+            "method": f"percentile bootstrap over {over}",
+            "resamples": ci.resamples,
             "level": CI_LEVEL,
-            "seed": ci["seed"],
+            "seed": ci.seed,
         }
     metrics["chance_accuracy"] = float(np.bincount(y_true).max() / len(y_true))
     # the majority class predicted for every cell: a baseline with both metrics (its macro-F1 is not "NaN")
     majority = np.full_like(y_true, np.bincount(y_true).argmax())
-    metrics["baseline_majority"] = scores(y_true, majority, len(names), _settings(ci))
+    metrics["baseline_majority"] = scores(y_true, majority, len(names), ci, cell_ids)
     metrics["n_cells"] = int(len(y_true))
     metrics["baseline_logreg"] = expression_baseline(params, run_dir, names, ci)
     metrics["baseline_frozen"] = frozen_embedding_baseline(params, run_dir, len(names), ci)
@@ -318,18 +331,18 @@ def plot_scores(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def interval_settings(params: "Params", run_dir: Path, cell_ids: list[str]) -> dict[str, Any] | None:
+def interval_settings(params: "Params", run_dir: Path) -> Intervals | None:
     """The bootstrap of this evaluation: resamples and seed from the params, and, when the split is grouped, each
-    test cell's group (``split.csv``), so that whole groups are resampled. None with ``evaluate.ci_resamples: 0``."""
+    cell's group (``split.csv``), so that whole groups are resampled. None with ``evaluate.ci_resamples: 0``."""
     n = params.evaluate.ci_resamples
     if not n:
         return None
-    ci: dict[str, Any] = {"resamples": n, "seed": params.data.split.seed, "cell_ids": list(cell_ids), "groups": None}
-    split = data_mod.read_split(run_dir)
-    if params.data.split.group_by and "group" in split:
-        by_cell = dict(zip(split["cell_id"].astype(str), split["group"].astype(str)))
-        ci["groups"] = np.asarray([by_cell[str(c)] for c in cell_ids])
-    return ci
+    group_of = None
+    if params.data.split.group_by:
+        split = data_mod.read_split(run_dir)
+        if "group" in split:
+            group_of = dict(zip(split["cell_id"].astype(str), split["group"].astype(str)))
+    return Intervals(n, params.data.split.seed, group_of)
 
 
 def plot_confusion(cm: dict[str, Any], path: Path, cells: str = "test split") -> None:
