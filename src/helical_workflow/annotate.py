@@ -612,8 +612,7 @@ def annotate(input_path: str | os.PathLike, settings: Settings, *, force: bool =
 # What the annotation stages' notebooks call: each input of the run (``annotate.inputs``) through the steps above.
 
 PLAN = "plan.json"
-SUMMARY = "summary.json"
-EVENT = "event.json"  # the extra of the stage's asset event (Stage.emits)
+EVENT = "event.json"  # what the run did, with host paths: the extra of the finish stage's asset event (Stage.emits)
 HOST_PATHS = ("input", "run_dir", PREDICTIONS, EMBEDDINGS, ANNOTATED, "report")
 
 
@@ -664,7 +663,7 @@ def prepare_stage(run: "Run") -> dict[str, Any]:
         )
     if not any("folder" in e for e in entries):
         raise AnnotateError(_errors(entries))
-    plan = {"inputs": entries, "shards": [str(x) for x in Shard.all(settings.shards)]}
+    plan = {"inputs": entries}
     with run.output("annotate_prepare") as tmp:
         files.write_json(tmp / PLAN, plan)
     return plan
@@ -724,11 +723,10 @@ def finish_stage(run: "Run") -> dict[str, Any]:
             }
         )
     summary = {"annotations": results, "errors": [e for e in entries if "error" in e]}
-    # the event is read on the Airflow side: its paths as the host sees them (a container stage maps them back)
+    # read on the host (the Airflow side, the command line): paths as the host sees them (a container maps back)
     host = [{k: runs.host_path(v) if k in HOST_PATHS and v else v for k, v in r.items()} for r in results]
     with run.output("annotate_finish") as tmp:
-        files.write_json(tmp / SUMMARY, summary)
-        files.write_json(tmp / EVENT, {"run": runs.host_path(run.dir), "annotations": host})
+        files.write_json(tmp / EVENT, {**summary, "run": runs.host_path(run.dir), "annotations": host})
     if summary["errors"]:
         raise AnnotateError(_errors(entries) + " (the run's other inputs are annotated)")
     return summary
@@ -757,8 +755,8 @@ def scores_table(scores: dict[str, Any]):
 
 
 def load_summary(run_dir: Path) -> dict[str, Any]:
-    """What an annotation run did: its ``annotate_finish`` summary."""
-    return json.loads((Path(run_dir) / stages.get("annotate_finish").output / SUMMARY).read_text())
+    """What an annotation run did (its asset event's extra): its run folder, annotations and errors, host paths."""
+    return json.loads((Path(run_dir) / stages.get("annotate_finish").output / EVENT).read_text())
 
 
 # ------------------------------------------------------------------ reading back -----
