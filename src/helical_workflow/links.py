@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import stages
-from .runs import MANIFEST, run_dir_for, safe_run_id
+from .runs import MANIFEST, mlflow_experiment, run_dir_for, safe_run_id
 
 if TYPE_CHECKING:
     from .params import Params
@@ -161,9 +161,9 @@ def find_mlflow_run(params: "Params", stage: str, run_id: str, map_index: int = 
         return None
     shard = _shard(stages.get(stage), params, map_index)
     name = safe_run_id(run_id) + (f"/trial-{shard.i}" if shard is not None and shard.kind == "trial" else "")
-    workflow = stages.get(stage).workflow
-    experiment = params.experiment if workflow == "train" else f"{params.experiment}-{workflow}"
-    query = urllib.parse.urlencode({"experiment_name": experiment})
+    query = urllib.parse.urlencode(
+        {"experiment_name": mlflow_experiment(params.experiment, stages.get(stage).workflow)}
+    )
     try:
         exp_id = _rest(uri, f"experiments/get-by-name?{query}")["experiment"]["experiment_id"]
         found = _rest(

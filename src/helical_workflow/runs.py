@@ -57,6 +57,12 @@ def run_dir_for(outputs: Path, experiment: str, run_id: str, workflow: str = "tr
     return runs_root(outputs, experiment, workflow) / safe_run_id(run_id)
 
 
+def mlflow_experiment(experiment: str, workflow: str = "train") -> str:
+    """The MLflow experiment of a workflow's runs: the params' experiment; ``<experiment>-annotate`` for
+    annotations (so that they never mix with the training runs 05_compare lists)."""
+    return experiment if workflow == "train" else f"{experiment}-{workflow}"
+
+
 def _locked(run_dir: Path):
     return file_lock(Path(run_dir) / ".run.lock")
 
@@ -489,9 +495,7 @@ class Run:
 
     @property
     def mlflow_experiment(self) -> str:
-        """The MLflow experiment of the run: the params' experiment; ``<experiment>-annotate`` for annotations."""
-        e = self.params.experiment
-        return e if self.workflow == "train" else f"{e}-{self.workflow}"
+        return mlflow_experiment(self.params.experiment, self.workflow)
 
     def input(self, stage: str) -> Path:
         """The output folder of an upstream stage, or a clear error naming the stage to run first."""
