@@ -40,7 +40,7 @@ def logged(trained):
 
     before = client.get_run(trained.run_id).info.status
     run = runs.Run.load(trained.run_dir)
-    card, summary = model_card(run, run)
+    card, summary = model_card(run, run, info=trained.info, metrics=trained.metrics)
     uri = registry.log_model(
         trained.params,
         trained.run_dir / "model",

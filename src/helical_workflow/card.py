@@ -8,24 +8,17 @@ fine-tune and evaluate outputs): nothing is recomputed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import stages
+from .files import read_json
 
 if TYPE_CHECKING:
     from .runs import Run
 
 CARD = "model_card.md"
 WEAKEST = 3  # the classes named as the model's weakest
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _ci(m: dict[str, Any], key: str) -> str:
@@ -60,18 +53,19 @@ def limits(params: Any, coverage: float | None, weakest: list[tuple[str, float]]
     return out
 
 
-def model_card(run: "Run", winner: "Run", *, cv: dict[str, Any] | None = None) -> tuple[str, str]:
+def model_card(
+    run: "Run", winner: "Run", *, info: dict[str, Any], metrics: dict[str, Any], cv: dict[str, Any] | None = None
+) -> tuple[str, str]:
     """(the card in Markdown, its summary for the registry's description) of the model of ``winner`` (a run, or
-    the winning trial of a sweep) of ``run``."""
+    the winning trial of a sweep) of ``run``: ``info`` is its ``model_info.json``, ``metrics`` its evaluate
+    ``metrics.json``."""
     p = winner.params
     load = run.dir / stages.get("load").output
     tokenized = run.dir / stages.get("tokenize").output
-    info = _json(winner.dir / stages.get("fine_tune").output / "model_info.json")
-    metrics = _json(winner.dir / stages.get("evaluate").output / "metrics.json")
     manifest = run.manifest
     data_in = manifest.get("input") or {}
-    qc = _json(load / "qc_summary.json")
-    cov = next((_json(f).get("gene_coverage") for f in sorted(tokenized.glob("summary.*.json"))), None) or {}
+    qc = read_json(load / "qc_summary.json")
+    cov = next((read_json(f).get("gene_coverage") for f in sorted(tokenized.glob("summary.*.json"))), None) or {}
     counts = []
     if (load / "label_counts.csv").is_file():
         import pandas as pd

@@ -18,15 +18,12 @@ import pandas as pd
 
 from . import stages, sweep, tracking
 from .card import CARD, model_card
+from .files import read_json, write_json
 
 if TYPE_CHECKING:
     from .runs import Run
 
 OUTPUT = stages.get("compare").output
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def trial_folders(run: "Run") -> list[tuple[int | None, Path]]:
@@ -46,8 +43,8 @@ def trial_table(run: "Run") -> pd.DataFrame:
         shard = None if k is None else ft.shards(run.params)[k]
         recs = [run.record(ft.key(shard)), run.record(ev.key(shard))]
         failed = next((r for r in recs if r.get("status") != "success"), None)
-        info = _read_json(folder / stages.get("fine_tune").output / "model_info.json")
-        test = _read_json(folder / stages.get("evaluate").output / "metrics.json")
+        info = read_json(folder / stages.get("fine_tune").output / "model_info.json")
+        test = read_json(folder / stages.get("evaluate").output / "metrics.json")
         val = info.get("validation") or {}
         rows.append(
             {
@@ -74,7 +71,7 @@ def curves(run: "Run") -> dict[str, pd.DataFrame]:
     """Per trial, its per-epoch history (``history.json``): train loss and validation metrics."""
     out = {}
     for k, folder in trial_folders(run):
-        hist = _read_json(folder / stages.get("fine_tune").output / "history.json")
+        hist = read_json(folder / stages.get("fine_tune").output / "history.json")
         if hist.get("epochs"):
             out["run" if k is None else f"trial {k}"] = pd.DataFrame(hist["epochs"])
     return out
@@ -101,8 +98,7 @@ def earlier_runs(run: "Run", current: dict[str, Any] | None = None) -> pd.DataFr
         if "mlflow.parentRunId" in r.data.tags:
             continue
         m, this = r.data.metrics, r.info.run_id == ml.id
-        own = [v for k, v in m.items() if k.startswith("evaluate.trial-") and k.endswith("helical_model_macro_f1")]
-        f1, acc = best.get(r.info.run_id, (max(own) if own else math.nan, math.nan))
+        f1, acc = best.get(r.info.run_id, (math.nan, math.nan))
         row = {
             "run": r.info.run_name,
             "started": pd.Timestamp(r.info.start_time, unit="ms"),
@@ -168,8 +164,8 @@ def compare_stage(run: "Run") -> dict[str, Any]:
     best = ok.iloc[0]
     k = None if best.trial == "run" else int(best.trial)
     winner = run if k is None else run.for_trial(stages.Shard(k, sweep.trial_count(params), "trial"))
-    test = _read_json(winner.dir / stages.get("evaluate").output / "metrics.json")
-    info = _read_json(winner.dir / stages.get("fine_tune").output / "model_info.json")
+    test = read_json(winner.dir / stages.get("evaluate").output / "metrics.json")
+    info = read_json(winner.dir / stages.get("fine_tune").output / "model_info.json")
     score = float(best[f"validation_{metric}"])
     runner_up = float(ok.iloc[1][f"validation_{metric}"]) if len(ok) > 1 else None
     logreg, frozen = test.get("baseline_logreg", {}), test.get("baseline_frozen", {})
@@ -190,7 +186,7 @@ def compare_stage(run: "Run") -> dict[str, Any]:
         "beats_logreg": _beats(test, logreg),
         "beats_frozen": _beats(test, frozen),
     }
-    card = model_card(run, winner)
+    card = model_card(run, winner, info=info, metrics=test)
     summary["registry"] = register_winner(run, winner, info, score, metric, card)
     with run.output("compare") as out:
         (out / CARD).write_text(card[0])
@@ -202,8 +198,6 @@ def compare_stage(run: "Run") -> dict[str, Any]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run.update(lambda m: m.update(registry=summary["registry"], winner=summary["winner"]))
     if summary["registry"].get("promoted"):  # what the DAG's docs show as the experiment's champion
-        from .files import write_json
-
         champion = {"run": run.run_id, "trial": summary["winner"], "test": summary["test"], **summary["registry"]}
         write_json(params.champion_file, champion)
     return summary

@@ -121,5 +121,11 @@ def write_text(path: Path, text: str) -> Path:
     return Path(path)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's content; ``{}`` when the file is not there (a stage that did not write it)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_json(path: Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
