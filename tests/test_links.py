@@ -45,15 +45,21 @@ def link_env(monkeypatch):
     return monkeypatch
 
 
+def _reports(run_dir, *names: str):
+    """A run folder's ``reports/`` with these (empty) HTML reports."""
+    reports = run_dir / "reports"
+    reports.mkdir(parents=True)
+    for name in names:
+        (reports / name).write_text("<html></html>")
+    return reports
+
+
 def test_an_annotation_tasks_links_point_into_its_annotation_run(tmp_path, model_cache, workflow_env, link_env):
     """helical_annotate's tasks get their Report and MLflow links the same way, from the annotation run's folder."""
     params_file = demo_params(tmp_path, model_cache=model_cache, annotate__shards=2)
     params = load_params(params_file, check_files=False)
     run_dir = tmp_path / "outputs" / "annotate" / "runs" / "demo" / RUN_DIR
-    reports = run_dir / "reports"
-    reports.mkdir(parents=True)
-    for name in ("06_annotate_prepare.html", "07_annotate.shard-00001-of-00002.html"):
-        (reports / name).write_text("<html></html>")
+    reports = _reports(run_dir, "06_annotate_prepare.html", "07_annotate.shard-00001-of-00002.html")
     served = "/helical-workflow/reports/helical_annotate/manual__2026-01-01T00%3A00%3A00%2B00%3A00/annotate_prepare"
     assert links.report_url(params, "annotate_prepare", RUN_ID, -1, "helical_annotate") == served
     assert links.served_report(params_file, RUN_ID, "annotate_prepare") == reports / "06_annotate_prepare.html"
@@ -68,10 +74,7 @@ def test_report_link_is_the_stage_tasks_own_html_report(tmp_path, model_cache, w
     params = load_params(params_file, check_files=False)
     run_dir = tmp_path / "outputs" / "demo" / RUN_DIR
     assert links.report_url(params, "load", RUN_ID, -1, "helical_demo") == ""  # no run folder: nothing to point at
-    reports = run_dir / "reports"
-    reports.mkdir(parents=True)
-    for name in ("01_load.html", "02_tokenize.shard-00001-of-00002.html"):
-        (reports / name).write_text("<html></html>")
+    reports = _reports(run_dir, "01_load.html", "02_tokenize.shard-00001-of-00002.html")
     # in Airflow: the API server's copy (plugins/), on the UI's own origin
     served = "/helical-workflow/reports/helical_demo/manual__2026-01-01T00%3A00%3A00%2B00%3A00/load"
     assert links.report_url(params, "load", RUN_ID, -1, "helical_demo") == served
